@@ -1,0 +1,28 @@
+# Two commands a new user needs: `make demo` and `make test`.
+# Each creates .venv from the requirements when it is missing or stale.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test espeak clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+# espeak-ng synthesizes the demo corpus and test fixtures (Debian/Ubuntu package).
+espeak:
+	@command -v espeak-ng >/dev/null || { \
+	  echo "installing espeak-ng (apt)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq espeak-ng >/dev/null; }
+
+test: $(VENV)/.installed espeak
+	$(PY) -m pytest -q
+
+demo: $(VENV)/.installed
+	$(PY) bench/model_step.py --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,185 @@
+"""Download and extract LibriSpeech from OpenSLR: step 0 of the HuBERT recipe.
+
+Flags and layout follow the Habana recipe's dataset_itr1.py:
+    <download_dir>/downloaded_raw/<archive>.tar.gz
+    <download_dir>/<split>_extract/<archive name>/LibriSpeech/<archive name>/<spk>/<chapter>/*.flac
+and the `<split>_extract` folder is what preprocess.py takes as --root-dir. On top of that every
+archive is checked against its published SHA-256, downloads resume, extraction cannot write outside
+its folder, and an interrupted run can simply be run again.
+
+Example:
+    python dataset_itr1.py --download_dir /data/hubert/itr1_data --librispeech_split 960 --cleanup
+"""
+import argparse
+import os
+import re
+import shutil
+import tarfile
+import zlib
+from pathlib import Path
+
+from tqdm import tqdm
+
+from utils.download import DownloadError, fetch
+
+BASE_URL = "https://www.openslr.org/resources/12"
+
+SPLITS = {
+    "100": ["train-clean-100.tar.gz"],
+    "360": ["train-clean-360.tar.gz"],
+    "500": ["train-other-500.tar.gz"],
+    "960": ["train-clean-100.tar.gz", "train-clean-360.tar.gz", "train-other-500.tar.gz"],
+    "dev": ["dev-other.tar.gz", "dev-clean.tar.gz"],
+    "test": ["test-clean.tar.gz", "test-other.tar.gz"],
+}
+# The upstream README and argparse say "300" but the upstream table only knows "360" (KeyError).
+SPLIT_ALIASES = {"300": "360"}
+
+# Published SHA-256 of the OpenSLR archives (the same values torchaudio's LIBRISPEECH dataset checks).
+SHA256 = {
+    "dev-clean.tar.gz": "76f87d090650617fca0cac8f88b9416e0ebf80350acb97b343a85fa903728ab3",
+    "dev-other.tar.gz": "12661c48e8c3fe1de2c1caa4c3e135193bfb1811584f11f569dd12645aa84365",
+    "test-clean.tar.gz": "39fde525e59672dc6d1551919b1478f724438a95aa55f874b576be21967e6c23",
+    "test-other.tar.gz": "d09c181bba5cf717b3dee7d4d592af11a3ee3a09e08ae025c5506f6ebe961c29",
+    "train-clean-100.tar.gz": "d4ddd1d5a6ab303066f14971d768ee43278a5f2a0aa43dc716b0e64ecbbbf6e2",
+    "train-clean-360.tar.gz": "146a56496217e96c14334a160df97fffedd6e0a04e66b9c5af0d40be3c792ecf",
+    "train-other-500.tar.gz": "ddb22f27f96ec163645d53215559df6aa36515f26e01dd70798188350adcb6d2",
+}
+
+# Written last into a finished extraction: a folder without it is half done and is redone.
+MARKER = ".extracted"
+
+
+class ArchiveError(RuntimeError):
+    """An archive is unreadable or has a member that would land outside its target folder."""
+
+
+def read_checksums(path: Path) -> dict[str, str]:
+    """Parse sha256sum output ('<sha256>  <name>' or '<sha256> *<name>'), keyed by file name."""
+    checksums = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        match = re.fullmatch(r"\s*([0-9a-fA-F]{64}) [ *](.+?)\s*", line)
+        if match is None:
+            raise ValueError(f"{path}:{number}: expected '<64 hex digit sha256>  <archive name>', got {line!r}")
+        checksums[Path(match.group(2)).name] = match.group(1).lower()
+    return checksums
+
+
+def _stream_members(tar: tarfile.TarFile, raw, bar: tqdm):
+    """Yield members as their headers are read (one pass over the gzip), advancing the bar by
+    compressed bytes consumed and showing the member count."""
+    for count, member in enumerate(tar, start=1):
+        yield member
+        bar.update(raw.tell() - bar.n)
+        bar.set_postfix_str(f"{count} files", refresh=False)
+
+
+def extract_tar(archive: Path, target: Path) -> None:
+    """Extract a .tar.gz into target, safely and atomically.
+
+    Members go through tarfile's "data" filter, so absolute paths, '..' and links pointing outside
+    are refused. Extraction happens in a temp folder beside target's parent, which is renamed (with
+    MARKER inside) only when every member is out; a target without MARKER is redone.
+    """
+    archive, target = Path(archive), Path(target)
+    if (target / MARKER).exists():
+        print(f"{target} is already extracted, so skipping")
+        return
+    # Outside target's folder, which preprocess.py globs for *.flac; the same file system, so the rename
+    # at the end is atomic.
+    tmp = target.parent.with_name(f".{target.parent.name}.partial") / target.name
+    for stale in (tmp, target):
+        if stale.exists():
+            print(f"Removing unfinished extraction {stale}")
+            shutil.rmtree(stale)
+    tmp.mkdir(parents=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(archive, "rb") as raw, tarfile.open(fileobj=raw, mode="r:gz") as tar, tqdm(
+            total=os.path.getsize(archive), unit="B", unit_scale=True, unit_divisor=1024,
+            desc=f"extract {archive.name}",
+        ) as bar:
+            tar.extractall(tmp, members=_stream_members(tar, raw, bar), filter="data")
+            count = len(tar.members)
+    except tarfile.FilterError as e:
+        shutil.rmtree(tmp)
+        raise ArchiveError(f"{archive}: refusing unsafe member: {e}") from e
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        shutil.rmtree(tmp)
+        raise ArchiveError(f"{archive}: cannot read archive: {e}") from e
+    (tmp / MARKER).write_text(f"{archive.name}\n{count} members\n")
+    os.replace(tmp, target)
+    if not any(tmp.parent.iterdir()):
+        tmp.parent.rmdir()
+    print(f"Extracted {count} members of {archive.name} into {target}")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults, and keep the layout in the description as written."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--download_dir", type=Path, required=True,
+                        help="Base folder; gets downloaded_raw/ and <split>_extract/ (created if missing).")
+    parser.add_argument("--librispeech_split", default="960", choices=[*SPLITS, *SPLIT_ALIASES],
+                        help="Which LibriSpeech part to fetch: 100/360/500 hours of training data, all 960, "
+                             "dev or test. '300' (upstream README) is taken as 360.")
+    parser.add_argument("--cleanup", action="store_true",
+                        help="Delete each tarball once it has been extracted.")
+    parser.add_argument("--base-url", default=BASE_URL, help="Where the archives are served (a mirror).")
+    parser.add_argument("--checksums", type=Path, default=None,
+                        help="sha256sum-style file ('<sha256>  <archive name>' per line) that overrides or adds "
+                             "checksums, e.g. for a mirror with its own archives.")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    split = args.librispeech_split
+    if split in SPLIT_ALIASES:
+        print(f"warning: --librispeech_split {split} is taken as {SPLIT_ALIASES[split]} (train-clean-360)")
+        split = SPLIT_ALIASES[split]
+    if split != "960":
+        print(f"Note: fetching split {split} only; the HuBERT recipe pre-trains on all 960 hours")
+    checksums = dict(SHA256)
+    if args.checksums is not None:
+        try:
+            checksums.update(read_checksums(args.checksums))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"dataset_itr1.py: error: {e}") from e
+
+    raw_dir = args.download_dir / "downloaded_raw"
+    extract_loc = args.download_dir / f"{split}_extract"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    extract_loc.mkdir(exist_ok=True)
+    try:
+        for name in SPLITS[split]:
+            archive = raw_dir / name
+            target = extract_loc / name.split(".")[0]
+            if (target / MARKER).exists():
+                print(f"{target} is already extracted, so skipping download and extraction")
+            else:
+                fetch(f"{args.base_url.rstrip('/')}/{name}", archive, checksums[name])
+                extract_tar(archive, target)
+            if args.cleanup and archive.exists():
+                print(f"Deleting {archive}")
+                archive.unlink()
+    except (DownloadError, ArchiveError) as e:
+        raise SystemExit(f"dataset_itr1.py: error: {e}") from e
+    if args.cleanup and not any(raw_dir.iterdir()):
+        raw_dir.rmdir()
+
+    print(f"Extracted data here: {extract_loc}")
+    if split in ("dev", "test"):
+        print("Note: preprocess.py lists only files whose path contains 'train', so it would skip these "
+              f"{split} files; they are for evaluation, not pre-training.")
+    else:
+        print(f"Next: python preprocess.py --root-dir {extract_loc} ...")
+    return extract_loc
+
+
+if __name__ == "__main__":
+    main()

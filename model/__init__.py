@@ -1,0 +1,21 @@
+"""Our static-shape HuBERT, state-dict compatible with ``torchaudio.models.HuBERTPretrainModel``."""
+from .convert import (convert_conv_layout, convert_optimizer_state, infer_arch, model_from_state_dict,
+                      strip_prefix)
+from .hubert import (FACTORIES, HuBERTPretrainModel, Wav2Vec2Model, hubert_pretrain_base, hubert_pretrain_large,
+                     hubert_pretrain_model, hubert_pretrain_tiny, hubert_pretrain_xlarge)
+
+__all__ = [
+    "FACTORIES",
+    "HuBERTPretrainModel",
+    "Wav2Vec2Model",
+    "convert_conv_layout",
+    "convert_optimizer_state",
+    "hubert_pretrain_base",
+    "hubert_pretrain_large",
+    "hubert_pretrain_model",
+    "hubert_pretrain_tiny",
+    "hubert_pretrain_xlarge",
+    "infer_arch",
+    "model_from_state_dict",
+    "strip_prefix",
+]

@@ -1,0 +1,61 @@
+"""The one-matmul logits equal torchaudio's expanded cosine-similarity logits."""
+import pytest
+import torch
+from torchaudio.models.wav2vec2.components import _compute_logits as ta_compute_logits
+
+from model.logits import compute_logits
+
+
+@pytest.mark.parametrize("num_classes", [1, 7, 100, 500, 501])
+@pytest.mark.parametrize("split_logits", [False, True])
+def test_logits_match_torchaudio(num_classes, split_logits):
+    g = torch.Generator().manual_seed(num_classes)
+    proj_x = torch.randn(64, 16, generator=g)
+    target = torch.randint(0, num_classes, (64,), generator=g)
+    emb = torch.rand(num_classes, 16, generator=g)
+    expected = ta_compute_logits(proj_x, target, emb)
+    got = compute_logits(proj_x, target, emb, split_logits=split_logits)
+    assert got.shape == (64, num_classes + 1)
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(got[finite], expected[finite], atol=1e-5, rtol=0)
+    # The target's own column is -inf and column 0 holds its score.
+    assert torch.isinf(got[torch.arange(64), target + 1]).all()
+
+
+def test_duplicate_label_embeddings_are_all_excluded():
+    """Classes whose embedding equals the target's are -inf too, as upstream's (pos == negs).all(-1)."""
+    emb = torch.rand(6, 4)
+    emb[4] = emb[1]
+    proj_x = torch.randn(3, 4)
+    target = torch.tensor([1, 4, 2])
+    got = compute_logits(proj_x, target, emb)
+    expected = ta_compute_logits(proj_x, target, emb)
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    assert torch.isinf(got[0, [2, 5]]).all() and torch.isinf(got[1, [2, 5]]).all()
+    assert torch.isinf(got[2]).sum() == 1
+
+
+def test_logits_stay_fp32_math_under_autocast():
+    proj_x = torch.randn(8, 16)
+    emb = torch.rand(10, 16)
+    target = torch.randint(0, 10, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = compute_logits(proj_x.bfloat16(), target, emb)
+    assert got.dtype == torch.bfloat16
+    expected = compute_logits(proj_x.bfloat16().float(), target, emb)
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(got.float()[finite], expected[finite], atol=0.05, rtol=0.01)
+
+
+def test_gradients_match_torchaudio():
+    proj_x = torch.randn(32, 8, requires_grad=True)
+    emb = torch.rand(5, 8, requires_grad=True)
+    target = torch.randint(0, 5, (32,))
+    grads = []
+    for fn in (ta_compute_logits, compute_logits):
+        logits = fn(proj_x, target, emb)
+        loss = torch.nn.functional.cross_entropy(logits, torch.zeros(32, dtype=torch.long))
+        grads.append(torch.autograd.grad(loss, (proj_x, emb)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -1,0 +1,184 @@
+"""Our HuBERT against torchaudio 2.11's: same weights in, same numbers out (fp32, 1e-5)."""
+import pytest
+import torch
+import torchaudio
+from torchaudio.models.wav2vec2 import model as ta_model_module
+
+import model.hubert as our_hubert
+from model import (convert_conv_layout, hubert_pretrain_base, hubert_pretrain_large, hubert_pretrain_model,
+                   hubert_pretrain_xlarge)
+
+HABANA_FLAGS = dict(use_conv2d=True, use_instancenorm=True, static_indexing=True, static_layerdrop=True,
+                    static_logit_generator=True, split_logits=True, use_max_sub_softmax_opt=True)
+
+# A small custom config through torchaudio's builder: LayerNorm extractor and pre-LN, i.e. the Large path.
+SMALL = dict(
+    extractor_mode="layer_norm", extractor_conv_layer_config=[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2,
+    extractor_conv_bias=True, encoder_embed_dim=64, encoder_projection_dropout=0.1, encoder_pos_conv_kernel=16,
+    encoder_pos_conv_groups=4, encoder_num_layers=3, encoder_num_heads=4, encoder_attention_dropout=0.1,
+    encoder_ff_interm_features=128, encoder_ff_interm_dropout=0.1, encoder_dropout=0.1,
+    encoder_layer_norm_first=True, encoder_layer_drop=0.1, mask_prob=0.8, mask_selection="static",
+    mask_other=0.0, mask_length=10, no_mask_overlap=False, mask_min_space=1, mask_channel_prob=0.0,
+    mask_channel_selection="static", mask_channel_other=0.0, mask_channel_length=10,
+    no_mask_channel_overlap=False, mask_channel_min_space=1, skip_masked=False, skip_nomask=False,
+    num_classes=20, final_dim=16, feature_grad_mult=0.1,
+)
+
+
+def assert_logits_close(ours, ref, atol=1e-5):
+    """Equal where finite, and ``-inf`` at the same places (the target's own class)."""
+    assert ours.shape == ref.shape
+    assert torch.equal(torch.isfinite(ours), torch.isfinite(ref))
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(ours[finite], ref[finite], atol=atol, rtol=0)
+
+
+def make_batch(num_classes, seed=0, n=32000):
+    g = torch.Generator().manual_seed(seed)
+    waveforms = torch.randn(3, n, generator=g)
+    lengths = torch.tensor([n, n - 6000, n - 9999])
+    labels = torch.randint(0, num_classes, (3, (n - 400) // 320 + 1), generator=g)
+    return waveforms, labels, lengths
+
+
+def run_static(model, batch):
+    """Our static forward, split back into (logit_m, logit_u, penalty) for comparison."""
+    logits, mask_m, mask_u, pen = model(*batch)
+    return logits[mask_m.flatten()], logits[mask_u.flatten()], pen
+
+
+@pytest.fixture(scope="module", params=["base", "small"])
+def reference(request):
+    torch.manual_seed(0)
+    if request.param == "base":
+        return request.param, torchaudio.models.hubert_pretrain_base(), lambda **f: hubert_pretrain_base(**f)
+    return (request.param, torchaudio.models.hubert_pretrain_model(**SMALL),
+            lambda **f: hubert_pretrain_model(**SMALL, **f))
+
+
+@pytest.mark.parametrize("flags", [{}, HABANA_FLAGS], ids=["default", "habana"])
+def test_eval_logits_and_features_match_torchaudio(reference, flags):
+    _, ref, build = reference
+    ours = build(**flags)
+    ours.load_state_dict(convert_conv_layout(ref.state_dict(), flags.get("use_conv2d", False)))
+    ref.eval(), ours.eval()
+    batch = make_batch(ref.logit_generator.label_embeddings.shape[0])
+    with torch.no_grad():
+        torch.manual_seed(3)
+        expected = ref(*batch)
+        torch.manual_seed(3)
+        got = run_static(ours, batch) if flags else ours(*batch)
+        assert_logits_close(got[0], expected[0])
+        assert_logits_close(got[1], expected[1])
+        torch.testing.assert_close(got[2], expected[2], atol=1e-6, rtol=1e-5)
+
+        feats_ref, len_ref = ref.wav2vec2.extract_features(batch[0], batch[2], num_layers=2)
+        feats, lens = ours.wav2vec2.extract_features(batch[0], batch[2], num_layers=2)
+    assert torch.equal(lens, len_ref) and len(feats) == len(feats_ref) == 2
+    for a, b in zip(feats, feats_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_same_seed_same_init_as_torchaudio(reference):
+    """Built under the same seed, every tensor equals torchaudio's: same modules, same order, same init."""
+    name, ref, build = reference
+    torch.manual_seed(0)
+    ours = build()
+    ref_state = ref.state_dict()
+    assert ours.state_dict().keys() == ref_state.keys()
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, ref_state[key]), key
+
+
+def test_training_forward_matches_torchaudio_draw_for_draw(reference):
+    """Training mode with dropout and layer drop on: masks, dropout and layer-drop draws all line up."""
+    _, ref, build = reference
+    ours = build()
+    ours.load_state_dict(ref.state_dict())
+    ref.train(), ours.train()
+    batch = make_batch(ref.logit_generator.label_embeddings.shape[0], seed=1)
+    torch.manual_seed(11)
+    expected = ref(*batch)
+    torch.manual_seed(11)
+    got = ours(*batch)
+    for a, b in zip(got[:2], expected[:2]):
+        assert_logits_close(a, b)
+
+
+def test_mask_generator_same_masks_as_torchaudio():
+    ref = torchaudio.models.hubert_pretrain_base().mask_generator
+    ours = hubert_pretrain_base().mask_generator
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 120, 768)
+    padding = torch.arange(120)[None, :] >= torch.tensor([120, 100, 57, 99])[:, None]
+    for seed in range(5):
+        torch.manual_seed(seed)
+        x_ref, mask_ref = ref(x.clone(), padding)
+        torch.manual_seed(seed)
+        x_ours, mask_ours = ours(x.clone(), padding)
+        assert torch.equal(mask_ours, mask_ref)
+        assert torch.equal(x_ours, x_ref)
+        assert (mask_ours & padding).sum() == 0
+
+
+def test_static_layerdrop_same_outputs_and_gradients_as_dynamic():
+    """Deterministic dropouts, layer drop 0.5: the where-based path equals the skip-based one."""
+    config = {**SMALL, "encoder_layer_drop": 0.5}
+    dynamic = hubert_pretrain_model(**config, all_deterministic=True)
+    static = hubert_pretrain_model(**config, all_deterministic=True, static_layerdrop=True, static_indexing=True)
+    static.load_state_dict(dynamic.state_dict())
+    batch = make_batch(20, seed=2)
+    outputs, grads = [], []
+    for model in (dynamic, static):
+        torch.manual_seed(4)
+        logit_m, logit_u, pen = model(*batch)
+        loss = torch.nn.functional.cross_entropy(logit_m, torch.zeros(len(logit_m), dtype=torch.long)) + pen
+        loss.backward()
+        outputs.append((logit_m, logit_u))
+        grads.append({n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()})
+    for a, b in zip(*outputs):
+        assert_logits_close(a, b, atol=1e-6)
+    dropped = [n for n, p in dynamic.named_parameters() if p.grad is None]
+    assert dropped, "seed 4 should drop at least one layer, or the test proves nothing"
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_label_length_mismatch_is_a_clear_error():
+    model = hubert_pretrain_model(**SMALL)
+    waveforms, labels, lengths = make_batch(20)
+    with pytest.raises(ValueError, match=r"labels have 100 frames but the model makes 99 frames from 32000 samples"):
+        model(waveforms, torch.cat([labels, labels[:, :1]], dim=1), lengths)
+
+
+def spy_config(monkeypatch, module, name):
+    """Capture the keyword arguments a factory passes to the builder (no model is built)."""
+    seen = {}
+
+    def capture(*args, **kwargs):
+        seen.update(kwargs)
+        raise StopIteration
+
+    monkeypatch.setattr(module, name, capture)
+    return seen
+
+
+@pytest.mark.parametrize("ours, ref", [
+    (hubert_pretrain_base, torchaudio.models.hubert_pretrain_base),
+    (hubert_pretrain_large, torchaudio.models.hubert_pretrain_large),
+    (hubert_pretrain_xlarge, torchaudio.models.hubert_pretrain_xlarge),
+], ids=["base", "large", "xlarge"])
+def test_factories_use_upstream_hyperparameters(monkeypatch, ours, ref):
+    ref_config = spy_config(monkeypatch, ta_model_module, "hubert_pretrain_model")
+    with pytest.raises(StopIteration):
+        ref()
+    our_config = spy_config(monkeypatch, our_hubert, "hubert_pretrain_model")
+    with pytest.raises(StopIteration):
+        ours()
+    assert our_config == ref_config
+
+
+def test_large_state_dict_layout_matches_torchaudio():
+    ref = torchaudio.models.hubert_pretrain_large().state_dict()
+    ours = hubert_pretrain_large().state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in ref.items()}
