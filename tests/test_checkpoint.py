@@ -1,0 +1,47 @@
+"""Checkpoint files: Lightning-style and plain, conv2d and conv1d, and clear errors for bad files."""
+import pytest
+import torch
+
+from model import hubert_pretrain_model, hubert_pretrain_tiny
+from tests.test_model import SMALL
+from utils.checkpoint import load_checkpoint, load_pretrained_model
+
+
+def features(model, waveforms):
+    model.eval()
+    with torch.no_grad():
+        return model.wav2vec2.extract_features(waveforms, num_layers=2)[0][-1]
+
+
+def test_lightning_checkpoint_with_config_in_conv2d_layout(tmp_path):
+    source = hubert_pretrain_model(**SMALL, use_conv2d=True, use_instancenorm=True)
+    path = tmp_path / "epoch=0-step=1.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in source.state_dict().items()},
+                "hubert_config": source.config, "global_step": 1}, path)
+    model = load_pretrained_model(path, use_conv2d=False, use_instancenorm=False)
+    assert model.wav2vec2.feature_extractor.conv_layers[0].conv.weight.ndim == 3
+    waveforms = torch.randn(1, 8000)
+    torch.testing.assert_close(features(model, waveforms), features(source, waveforms), atol=1e-5, rtol=0)
+
+
+def test_plain_state_dict_infers_architecture(tmp_path):
+    source = hubert_pretrain_tiny(num_classes=12)
+    path = tmp_path / "plain.pt"
+    torch.save(source.state_dict(), path)
+    model = load_pretrained_model(path)
+    assert model.logit_generator.label_embeddings.shape == (12, 128)
+
+
+def test_missing_truncated_and_foreign_files_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        load_checkpoint(tmp_path / "nope.ckpt")
+    good = tmp_path / "good.pt"
+    torch.save(hubert_pretrain_tiny().state_dict(), good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated.pt is truncated or not a PyTorch checkpoint"):
+        load_checkpoint(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weight": torch.zeros(3)}, foreign)
+    with pytest.raises(ValueError, match="foreign.pt does not hold a HuBERT pre-training model"):
+        load_pretrained_model(foreign)
