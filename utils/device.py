@@ -1,6 +1,14 @@
 """The one place that knows about devices. Habana and CUDA specifics are imported lazily, so CPU always
 works and nothing device-specific is needed to import the project."""
+import os
+from typing import Iterable
+
 import torch
+
+# Habana autocast reads its op lists from these variables when its runtime is imported (1.13+ names,
+# then the 1.10-1.12 names).
+HPU_AUTOCAST_VARS = (("PT_HPU_AUTOCAST_LOWER_PRECISION_OPS_LIST", "PT_HPU_AUTOCAST_FP32_OPS_LIST"),
+                     ("LOWER_LIST", "FP32_LIST"))
 
 
 def mark_step(x: torch.Tensor) -> None:
@@ -9,3 +17,77 @@ def mark_step(x: torch.Tensor) -> None:
         import habana_frameworks.torch.core as htcore
 
         htcore.mark_step()
+
+
+def hpu_count() -> int:
+    try:
+        import habana_frameworks.torch.hpu as hthpu
+    except ImportError:
+        return 0
+    return hthpu.device_count() if hthpu.is_available() else 0
+
+
+def describe_machine() -> str:
+    """What this machine has, for error messages: 'CPU (16 cores), 8 CUDA GPUs (NVIDIA H100)'."""
+    parts = [f"CPU ({os.cpu_count()} cores)"]
+    if torch.cuda.is_available():
+        parts.append(f"{torch.cuda.device_count()} CUDA GPUs ({torch.cuda.get_device_name(0)})")
+    hpus = hpu_count()
+    if hpus:
+        parts.append(f"{hpus} Habana HPUs")
+    return ", ".join(parts)
+
+
+def check_devices(accelerator: str, devices: int) -> None:
+    """Fail early, saying what is there and which flag to use, when the asked device is missing."""
+    have = {"cpu": os.cpu_count() or 1, "gpu": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+            "hpu": hpu_count()}
+    if accelerator in ("gpu", "hpu") and have[accelerator] < devices:
+        hint = ("--gpus N" if have["gpu"] else "--hpus N" if have["hpu"] else "--accelerator cpu --devices N")
+        raise SystemExit(
+            f"asked for {devices} {accelerator.upper()}(s), but this machine has {describe_machine()}; "
+            f"use {hint} instead"
+        )
+
+
+def set_hpu_autocast_lists(bf16_file: str, fp32_file: str) -> None:
+    """Point Habana autocast at our op lists; must run before ``habana_frameworks`` is imported."""
+    for lower, fp32 in HPU_AUTOCAST_VARS:
+        os.environ[lower] = bf16_file
+        os.environ[fp32] = fp32_file
+
+
+def hpu_accelerator_and_strategy(devices: int, num_nodes: int, single: bool, find_unused_parameters: bool):
+    """lightning-habana's HPUAccelerator and strategy (HPUParallelStrategy as Habana's recipe)."""
+    from lightning_habana.pytorch.accelerator import HPUAccelerator
+    from lightning_habana.pytorch.strategies import HPUParallelStrategy, SingleHPUStrategy
+
+    if single and devices == 1 and num_nodes == 1:
+        return HPUAccelerator(), SingleHPUStrategy()
+    return HPUAccelerator(), HPUParallelStrategy(broadcast_buffers=False, gradient_as_bucket_view=True,
+                                                 find_unused_parameters=find_unused_parameters)
+
+
+def make_optimizer(name: str, params, lr: float, betas, eps: float, weight_decay: float, device_type: str):
+    """``adamw``: torch AdamW. ``fusedadamw``: Habana FusedAdamW on HPU, ``AdamW(fused=True)`` elsewhere
+    (fused CUDA/CPU kernels, same update)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if name != "fusedadamw":
+        raise ValueError(f"unknown optimizer {name!r}: use adamw or fusedadamw")
+    if device_type == "hpu":
+        from habana_frameworks.torch.hpex.optimizers import FusedAdamW
+
+        return FusedAdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+
+
+def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float, fused: bool, device_type: str):
+    """Global L2 clip; returns the norm before clipping. ``fused``: Habana FusedClipNorm on HPU, the
+    ``foreach`` multi-tensor kernels elsewhere."""
+    params = [p for p in params if p.grad is not None]
+    if fused and device_type == "hpu":
+        from habana_frameworks.torch.hpex.normalization import FusedClipNorm
+
+        return FusedClipNorm(params, max_norm).clip_norm(params)
+    return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True if fused else None)

@@ -1,0 +1,16 @@
+from .hubert_dataset import CollateFnHubert, HuBERTDataSet, expected_num_labels
+from .sampler import BucketAligner, BucketizeBatchSampler, DistributedBatchSampler, bucket_boundaries
+from .stats import LoaderStats, format_stats, loader_stats
+
+__all__ = [
+    "BucketAligner",
+    "BucketizeBatchSampler",
+    "CollateFnHubert",
+    "DistributedBatchSampler",
+    "HuBERTDataSet",
+    "LoaderStats",
+    "bucket_boundaries",
+    "expected_num_labels",
+    "format_stats",
+    "loader_stats",
+]

@@ -1,0 +1,196 @@
+"""HuBERT pre-training data (spec §1.1, §4.1, §4.5): utterances listed in a TSV, k-means labels in a
+text file, and the collate that crops (or pads) a batch so audio and labels stay frame-aligned."""
+import os
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple, Union
+
+import numpy as np
+import soundfile
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import Dataset
+
+SAMPLE_RATE = 16000
+KERNEL = 400  # receptive field of the conv feature extractor (25 ms at 16 kHz)
+STRIDE = 320  # its hop (20 ms), i.e. 50 Hz model frames
+LABEL_HOP = {"mfcc": 160, "hubert": 320}  # label hop in samples: MFCC labels are 100 Hz, HuBERT 50 Hz
+
+
+def num_frames(num_samples: int, hop: int = STRIDE) -> int:
+    """Frames of a 400-sample window sliding by ``hop`` over ``num_samples`` (the conv stack's output
+    length for ``hop=320``)."""
+    return (num_samples - KERNEL) // hop + 1
+
+
+def expected_num_labels(num_samples: int, feature_type: str) -> int:
+    """Label count that the k-means step writes for an utterance of ``num_samples`` samples."""
+    if feature_type not in LABEL_HOP:
+        raise ValueError(f"feature_type must be one of {sorted(LABEL_HOP)}, got {feature_type!r}")
+    return num_frames(num_samples, LABEL_HOP[feature_type])
+
+
+def _read_tsv(tsv: Path) -> Tuple[np.ndarray, np.ndarray]:
+    """Paths (root joined with the relative path, as upstream) and sample counts of a TSV file list."""
+    if not tsv.is_file():
+        raise FileNotFoundError(f"{tsv}: TSV file list not found (run preprocess.py first)")
+    paths, lengths = [], []
+    with open(tsv) as f:
+        root = f.readline().rstrip("\n")
+        for lineno, line in enumerate(f, start=2):
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) != 2 or not fields[1].strip().isdigit():
+                raise ValueError(f"{tsv}:{lineno}: expected '<relative path>\\t<num samples>', got {line!r}")
+            paths.append(f"{root}/{fields[0]}")
+            lengths.append(int(fields[1]))
+    if not paths:
+        raise ValueError(f"{tsv}: lists no utterances")
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"{tsv}: {len(missing)} listed audio file(s) do not exist, first: {missing[0]}")
+    return np.asarray(paths), np.asarray(lengths, dtype=np.int64)
+
+
+def _read_label_lines(path: Path) -> Tuple[np.ndarray, np.ndarray]:
+    """The label file as one byte buffer plus line offsets: compact, and a single object, so DataLoader
+    workers share it copy-on-write instead of touching 300k Python strings."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: label file not found (run preprocess.py first)")
+    buf = np.fromfile(path, dtype=np.uint8)
+    ends = np.flatnonzero(buf == ord("\n"))
+    if len(buf) and buf[-1] != ord("\n"):
+        ends = np.append(ends, len(buf))
+    starts = np.concatenate([[0], ends[:-1] + 1])[:len(ends)].astype(np.int64)
+    return buf, np.stack([starts, ends], axis=1)
+
+
+class HuBERTDataSet(Dataset):
+    """Utterances of ``exp_dir/tsv/{dataset}_{subset}.tsv`` with labels from ``exp_dir/label/label_{subset}.pt``
+    (text, one line per TSV entry). Items are ``(waveform (1, N) float32, label (L,) int64, N)``.
+
+    No length filtering or sorting here: ``len_list`` feeds the sampler, which does both. With
+    ``feature_type`` given, every label line is checked against its audio length at construction, so a
+    label file from the wrong step or iteration fails before training rather than silently misaligning.
+    """
+
+    def __init__(self, exp_dir: Union[str, Path], dataset: str, subset: str,
+                 feature_type: Optional[str] = None) -> None:
+        exp_dir = Path(exp_dir)
+        self.tsv_path = exp_dir / "tsv" / f"{dataset}_{subset}.tsv"
+        self.label_path = exp_dir / "label" / f"label_{subset}.pt"
+        self.f_list, self.len_list = _read_tsv(self.tsv_path)
+        self._label_buf, self._label_span = _read_label_lines(self.label_path)
+        if len(self._label_span) != len(self.f_list):
+            raise ValueError(f"{self.label_path}: has {len(self._label_span)} label lines but {self.tsv_path} "
+                             f"lists {len(self.f_list)} utterances; labels must be made from this TSV")
+        if feature_type is not None:
+            self._check_label_counts(feature_type)
+
+    def __len__(self) -> int:
+        return len(self.f_list)
+
+    def _label_bytes(self, index: int) -> bytes:
+        start, end = self._label_span[index]
+        return self._label_buf[start:end].tobytes()
+
+    def _check_label_counts(self, feature_type: str) -> None:
+        """Fast count by spaces; a line that seems off is re-counted exactly before we complain."""
+        for i, (start, end) in enumerate(self._label_span):
+            n = int(self.len_list[i])
+            if n < KERNEL:
+                continue  # too short for even one frame; never trained on (the sampler drops it)
+            want = expected_num_labels(n, feature_type)
+            if np.count_nonzero(self._label_buf[start:end] == ord(" ")) + 1 == want:
+                continue
+            got = len(self._label_bytes(i).split())
+            if got != want:
+                raise ValueError(f"{self.label_path}:{i + 1}: {got} labels, but {self.f_list[i]} has {n} samples, "
+                                 f"which needs {want} labels for feature type {feature_type!r}")
+
+    def _load_audio(self, index: int) -> Tensor:
+        path = self.f_list[index]
+        data, sample_rate = soundfile.read(path, dtype="float32", always_2d=True)
+        if sample_rate != SAMPLE_RATE:
+            raise ValueError(f"{path}: sample rate {sample_rate}, expected {SAMPLE_RATE}")
+        if data.shape[0] != self.len_list[index]:
+            raise ValueError(f"{path}: has {data.shape[0]} samples but {self.tsv_path} says {self.len_list[index]}")
+        return torch.from_numpy(np.ascontiguousarray(data[:, 0])).unsqueeze(0)  # channel 0, as preprocess.py
+
+    def _load_label(self, index: int) -> Tensor:
+        try:
+            return torch.from_numpy(np.array(self._label_bytes(index).split(), dtype=np.int64))
+        except ValueError as e:
+            raise ValueError(f"{self.label_path}:{index + 1}: not a line of integer labels ({e})") from None
+
+    def __getitem__(self, index: int) -> Tuple[Tensor, Tensor, int]:
+        waveform = self._load_audio(index)
+        return waveform, self._load_label(index), waveform.shape[1]
+
+
+def _crop_audio_label(waveform: Tensor, label: Tensor, crop_len: int,
+                      rand_crop: bool) -> Tuple[Tensor, Tensor, int]:
+    """Cut ``crop_len`` samples (a random window if ``rand_crop``) and the labels of the model frames
+    that overlap it: label_offset is the first frame that ends after the crop start."""
+    w = waveform[0]
+    frame_offset = 0
+    if len(w) > crop_len and rand_crop:
+        frame_offset = int(torch.randint(len(w) - crop_len, size=(1,)))
+    elif len(w) < crop_len:
+        crop_len = len(w)  # pad mode: shorter samples keep their length and get zero padding
+    label_offset = max((frame_offset - KERNEL) // STRIDE + 1, 0)
+    w = w[frame_offset:frame_offset + crop_len]
+    label = label[label_offset:label_offset + num_frames(crop_len)]
+    return w, label, crop_len
+
+
+class CollateFnHubert:
+    """Batch ``(waveform, label, N)`` items into ``(waveforms (B, T) float32, labels (B, L) int64,
+    lengths (B,) int64)``.
+
+    ``pad=False`` crops every sample to the shortest one (a random window if ``rand_crop``);
+    ``pad=True`` zero-pads to the longest. With an ``aligner`` (Habana bucket alignment) the batch is
+    padded further to ``aligner(T)`` samples and ``floor((aligner(T)-400)/320)+1`` label columns, so
+    waveform shapes come from a small fixed set. MFCC labels (100 Hz) are downsampled by 2 to the model's
+    50 Hz. Cropping draws from the global torch RNG, so ``seed_everything`` makes it reproducible.
+    """
+
+    def __init__(self, feature_type: str, pad: bool = False, rand_crop: bool = True,
+                 aligner: Optional[Callable[[int], int]] = None) -> None:
+        expected_num_labels(KERNEL, feature_type)  # validates feature_type
+        self.feature_type = feature_type
+        self.pad = pad
+        self.rand_crop = rand_crop
+        self.aligner = aligner
+
+    def __call__(self, batch: List[Tuple[Tensor, Tensor, int]]) -> Tuple[Tensor, Tensor, Tensor]:
+        sizes = [sample[0].shape[1] for sample in batch]
+        target = max(sizes) if self.pad else min(sizes)
+        aligned = None
+        if self.aligner is not None:
+            aligned = self.aligner(target)
+            if aligned < target:
+                raise ValueError(f"aligner maps length {target} to a shorter {aligned}")
+        waveforms, labels, lengths = [], [], []
+        for i, (waveform, label, _) in enumerate(batch):
+            self._check_label(i, label, waveform.shape[1])
+            if self.feature_type == "mfcc":
+                label = label[::2]
+            waveform, label, length = _crop_audio_label(waveform, label, target, self.rand_crop)
+            waveforms.append(waveform)
+            labels.append(label)
+            lengths.append(length)
+        waveforms = pad_sequence(waveforms, batch_first=True)
+        labels = pad_sequence(labels, batch_first=True)
+        if aligned is not None:
+            waveforms = F.pad(waveforms, (0, aligned - waveforms.shape[1]))
+            labels = F.pad(labels, (0, num_frames(aligned) - labels.shape[1]))
+        return waveforms, labels, torch.tensor(lengths, dtype=torch.int64)
+
+    def _check_label(self, i: int, label: Tensor, num_samples: int) -> None:
+        want = expected_num_labels(num_samples, self.feature_type)
+        if len(label) != want:
+            raise ValueError(
+                f"batch item {i}: {len(label)} labels for {num_samples} samples, but feature type "
+                f"{self.feature_type!r} needs {want}; check that the label file was made from this TSV "
+                f"and that --feature-type matches the labels")

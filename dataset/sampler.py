@@ -1,0 +1,175 @@
+"""Length-bucketed batching (spec §4.2-4.4): batches of similar-length utterances under a sample budget,
+optionally costed at bucket-aligned lengths so that padded shapes come from a small fixed set, and a
+distributed wrapper that deals whole batches to ranks."""
+import bisect
+import math
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import Sampler
+
+ALIGN_MODES = ("none", "bucket1", "bucket2")
+
+
+def bucket_boundaries(num_buckets: int, min_len: int, max_len: int) -> Tensor:
+    """Float32 boundaries, as upstream: bucket k holds lengths in (boundaries[k-1], boundaries[k]]."""
+    return torch.linspace(min_len - 1, max_len + 1, num_buckets + 1)
+
+
+@dataclass(frozen=True)
+class BucketAligner:
+    """Maps a length to the first bucket boundary strictly greater than it, rounded up to an int.
+
+    A length exactly on an integer boundary goes to the next one (e.g. 141000 -> 162801 with the README
+    buckets), as in Habana's ``gen_bucket_boundary_fn``; this is what fixes the padded shapes. A class
+    rather than a closure so DataLoader workers can pickle it."""
+
+    boundaries: Tuple[float, ...]
+
+    def __call__(self, length: int) -> int:
+        i = bisect.bisect_right(self.boundaries, length)
+        if i == len(self.boundaries):
+            raise ValueError(f"length {length} is not below the last bucket boundary {self.boundaries[-1]}")
+        return math.ceil(self.boundaries[i])
+
+
+class BucketizeBatchSampler(Sampler[List[int]]):
+    """Batches of dataset indices, packed greedily in length order under ``max_token_count`` samples
+    (or ``batch_size`` items).
+
+    Samples outside ``[min_len, max_len]`` are dropped. The kept samples are sorted by length (stable),
+    put in ``num_buckets`` equal-width buckets, shuffled within each bucket if ``shuffle`` (by a generator
+    seeded with ``seed``, like torchaudio; Habana drew from the global RNG, which only hurt
+    reproducibility), and packed in bucket order; a batch may span two adjacent buckets. With
+    ``align_buckets='bucket1'`` a sample costs its bucket-aligned length, so the padded batch the aligned
+    collate builds stays within budget; ``'bucket2'`` aligns only in the collate (parity runs). The batch
+    list is built once here: make a new sampler per epoch (``reload_dataloaders_every_n_epochs=1``).
+    """
+
+    def __init__(self, lengths: Sequence[int], num_buckets: int, min_len: int = 0, max_len: Optional[int] = None,
+                 max_token_count: Optional[float] = None, batch_size: Optional[int] = None, shuffle: bool = True,
+                 drop_last: bool = False, align_buckets: str = "none", seed: int = 0) -> None:
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if max_len is None:
+            max_len = int(lengths.max())
+        if not 0 <= min_len <= max_len:
+            raise ValueError(f"need 0 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
+        if (max_token_count is None) == (batch_size is None):
+            raise ValueError("set exactly one of max_token_count and batch_size")
+        if max_token_count is not None and max_len > max_token_count:
+            raise ValueError(f"max_len={max_len} exceeds max_token_count={max_token_count}: "
+                             f"the longest sample would not fit in a batch")
+        if align_buckets not in ALIGN_MODES:
+            raise ValueError(f"align_buckets must be one of {ALIGN_MODES}, got {align_buckets!r}")
+        kept = np.flatnonzero((lengths >= min_len) & (lengths <= max_len))
+        if len(kept) == 0:
+            raise ValueError(f"no sample length lies in [{min_len}, {max_len}]")
+        order = kept[np.argsort(lengths[kept], kind="stable")]
+        self.lengths = lengths[order]  # sorted
+        self.indices = order  # their dataset indices
+        self.max_token_count = max_token_count
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.align_buckets = align_buckets
+        self.seed = seed
+        self.boundaries = bucket_boundaries(num_buckets, min_len, max_len)
+        self.buckets = self._get_buckets()
+        self.iter_list = self._pack(self._costs())
+
+    def gen_bucket_boundary_fn(self) -> BucketAligner:
+        """The aligner for ``CollateFnHubert(pad=True, aligner=...)`` (Habana's name)."""
+        return BucketAligner(tuple(self.boundaries.tolist()))
+
+    def _get_buckets(self) -> Dict[int, Tensor]:
+        """Bucket id -> positions in the sorted list; ids ascending, empty buckets absent."""
+        bucket_ids = torch.bucketize(torch.from_numpy(self.lengths), self.boundaries)
+        ids, counts = torch.unique_consecutive(bucket_ids, return_counts=True)
+        positions = torch.arange(len(self.lengths), dtype=torch.int32).split(counts.tolist())
+        return dict(zip(ids.tolist(), positions))
+
+    def _costs(self) -> np.ndarray:
+        """What each sorted sample counts against the budget."""
+        if self.batch_size is not None:
+            return np.ones(len(self.lengths), dtype=np.int64)
+        if self.align_buckets != "bucket1":
+            return self.lengths
+        align = self.gen_bucket_boundary_fn()
+        costs = np.array([align(n) for n in self.lengths.tolist()], dtype=np.int64)
+        if costs.max() > self.max_token_count:
+            raise ValueError(f"align_buckets='bucket1' counts a sample of {self.lengths[-1]} samples as "
+                             f"{costs.max()}, more than max_token_count={self.max_token_count}")
+        return costs
+
+    def _pack(self, costs: np.ndarray) -> List[List[int]]:
+        budget = self.max_token_count if self.max_token_count is not None else self.batch_size
+        generator = torch.Generator().manual_seed(self.seed)
+        batches, batch, total = [], [], 0
+        for positions in self.buckets.values():
+            if self.shuffle:
+                positions = positions[torch.randperm(len(positions), generator=generator)]
+            for pos in positions.tolist():
+                if batch and total + costs[pos] > budget:
+                    batches.append(batch)
+                    batch, total = [], 0
+                batch.append(int(self.indices[pos]))
+                total += costs[pos]
+        if self.batch_size is None or not self.drop_last or len(batch) == self.batch_size:
+            batches.append(batch)
+        return batches
+
+    def __iter__(self) -> Iterator[List[int]]:
+        return iter(self.iter_list)
+
+    def __len__(self) -> int:
+        return len(self.iter_list)
+
+
+class DistributedBatchSampler(Sampler[List[int]]):
+    """Deals the batches of ``batch_sampler`` round-robin to ``num_replicas`` ranks.
+
+    With ``shuffle`` the batch order is permuted by a generator seeded with ``seed + epoch``, so
+    ``set_epoch`` reshuffles and the same epoch repeats. Without ``drop_last`` the list is padded (by
+    repeating batches from its start) to the next multiple of ``num_replicas`` only; upstream added a
+    full extra round when it was already a multiple. World size and rank default to torch.distributed's,
+    or to a single process when it is not initialised.
+    """
+
+    def __init__(self, batch_sampler: Sampler[List[int]], num_replicas: Optional[int] = None,
+                 rank: Optional[int] = None, shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> None:
+        distributed = dist.is_available() and dist.is_initialized()
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if distributed else 1
+        if rank is None:
+            rank = dist.get_rank() if distributed else 0
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.batch_sampler = batch_sampler
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+        num_batches = len(batch_sampler)
+        self.num_samples = num_batches // num_replicas if drop_last else math.ceil(num_batches / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[List[int]]:
+        batches = list(self.batch_sampler)
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        while len(batches) < self.total_size:  # cyclic, so even fewer batches than ranks get padded
+            batches += batches[:self.total_size - len(batches)]
+        return iter(batches[self.rank:self.total_size:self.num_replicas])
+
+    def __len__(self) -> int:
+        return self.num_samples

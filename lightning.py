@@ -1,0 +1,201 @@
+"""The HuBERT pre-training LightningModule (spec §8): manual optimisation, global masked-frame loss
+normalisation, gradient accumulation, clipping, and metrics reduced across ranks."""
+import time
+from pathlib import Path
+from typing import Optional, Tuple
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from dataset import (BucketizeBatchSampler, CollateFnHubert, DistributedBatchSampler, HuBERTDataSet, format_stats,
+                     loader_stats)
+from loss import compute_accuracy, compute_accuracy_static, hubert_loss, hubert_loss_static
+from model import FACTORIES, convert_conv_layout, convert_optimizer_state
+from utils.device import clip_grad_norm, make_optimizer
+from utils.lr_schedule import LinearDecayLRScheduler
+
+SAMPLE_RATE = 16000
+MIN_LEN, MAX_LEN = 32000, 250000  # 2 s to 15.6 s, train and valid (spec §4.6)
+# Per-stage sums, in this order; the train row is reduced across ranks every step (one all_gather).
+STATS = ("loss", "masked", "masked_correct", "unmasked", "unmasked_correct")
+
+
+class HuBERTPreTrainModule(pl.LightningModule):
+    """Pre-training of ``model_name`` on ``dataset_path`` (``<exp>/data/<feat>/`` from preprocess.py).
+
+    Each micro-batch's loss is scaled by ``world_size / (masked frames of all ranks)`` before backward, so
+    after DDP's gradient average the update is the per-masked-frame gradient of the global batch. With
+    ``accum_steps > 1`` the micro-batch gradients are averaged (each scaled by ``1 / accum_steps``), so 2 x
+    175 s equals 1 x 350 s; Habana's recipe summed them. A step whose loss is not finite on any rank is
+    skipped on every rank (so DDP stays in step) and counted. Randomness (masks, dropout, layer drop) is
+    seeded per (seed, step, micro-batch, rank), so a resumed run draws what an uninterrupted one would.
+    """
+
+    def __init__(self, *, model_name: str, feature_grad_mult: Optional[float], num_classes: int, dataset: str,
+                 dataset_path: str, feature_type: str, seconds_per_batch: float, learning_rate: float,
+                 betas: Tuple[float, float], eps: float, weight_decay: float, clip_norm: Optional[float],
+                 warmup_updates: int, max_updates: int, static_logit_generator: bool = False,
+                 static_indexing: bool = False, static_layerdrop: bool = False, align_buckets: str = "none",
+                 num_buckets: int = 1000, accum_steps: int = 1, use_conv2d: bool = False,
+                 use_instancenorm: bool = False, all_deterministic: bool = False,
+                 show_traindataloader_stats: bool = False, no_layerdrop: bool = False, use_fused_clip: bool = False,
+                 use_max_sub_softmax_opt: bool = False, recompilation_optimization: bool = False,
+                 split_logits: bool = False, optimizer_str: str = "adamw", use_autocast: bool = False,
+                 save_1d_ckpt: bool = False, num_workers: int = 10, seed: int = 1337):
+        super().__init__()
+        self.save_hyperparameters()
+        flags = dict(use_conv2d=use_conv2d, use_instancenorm=use_instancenorm, static_indexing=static_indexing,
+                     static_layerdrop=static_layerdrop, static_logit_generator=static_logit_generator,
+                     split_logits=split_logits, use_max_sub_softmax_opt=use_max_sub_softmax_opt,
+                     recompilation_optimization=recompilation_optimization, no_layerdrop=no_layerdrop,
+                     all_deterministic=all_deterministic)
+        if model_name in ("hubert_pretrain_base", "hubert_pretrain_tiny"):
+            flags["feature_grad_mult"] = feature_grad_mult  # Large and X-Large keep theirs (None), as upstream
+        self.model = FACTORIES[model_name](num_classes=num_classes, **flags)
+        self.automatic_optimization = False
+        self.static = static_logit_generator
+        self.stats = {"train": torch.zeros(len(STATS)), "val": torch.zeros(len(STATS))}
+        self.skipped_steps = 0
+        self._last_step_time: Optional[float] = None
+
+    # ---- optimisation --------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        h = self.hparams
+        opt = make_optimizer(h.optimizer_str, self.model.parameters(), h.learning_rate, tuple(h.betas), h.eps,
+                             h.weight_decay, self.device.type)
+        sched = LinearDecayLRScheduler(opt, h.warmup_updates, h.max_updates)
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+    def _step(self, batch) -> Tuple[Tensor, Tensor]:
+        """Loss (summed over masked frames) and this batch's row of STATS."""
+        waveforms, labels, lengths = batch
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.hparams.use_autocast):
+            out = self.model(waveforms, labels, lengths)
+            if self.static:
+                logits, mask_m, mask_u, pen = out
+                loss = hubert_loss_static(logits, mask_m, mask_u, pen)
+                with torch.no_grad():
+                    correct_m, count_m = compute_accuracy_static(logits, mask_m)
+                    correct_u, count_u = compute_accuracy_static(logits, mask_u)
+            else:
+                logit_m, logit_u, pen = out
+                loss = hubert_loss(logit_m, logit_u, pen)
+                with torch.no_grad():
+                    correct_m, count_m = compute_accuracy(logit_m)
+                    correct_u, count_u = compute_accuracy(logit_u)
+        row = torch.stack([loss.detach(), count_m, correct_m, count_u, correct_u]).float()
+        return loss, row
+
+    def training_step(self, batch, batch_idx):
+        h = self.hparams
+        micro = batch_idx % h.accum_steps
+        torch.manual_seed(hash((h.seed, self.global_step, micro, self.global_rank)) & 0xFFFF_FFFF)
+        opt = self.optimizers()
+        loss, row = self._step(batch)
+        audio = batch[2].sum().float() / SAMPLE_RATE
+        local = torch.cat([row, audio[None], torch.isfinite(loss.detach()).float()[None]])
+        gathered = self.all_gather(local).reshape(-1, len(local))  # (world_size, ...)
+        total = gathered.sum(0)
+        if total[-1] < len(gathered):  # some rank's loss is inf/NaN: every rank skips this micro-batch
+            opt.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.log("skipped_steps", float(self.skipped_steps))
+            return None
+        self.manual_backward(loss * len(gathered) / total[1] / h.accum_steps)
+        if micro == h.accum_steps - 1 or batch_idx + 1 == self.trainer.num_training_batches:
+            if h.clip_norm is not None:
+                grad_norm = clip_grad_norm(self.model.parameters(), h.clip_norm, h.use_fused_clip, self.device.type)
+                self.log("grad_norm", grad_norm)
+            self.log("lr", opt.param_groups[0]["lr"])
+            opt.step()
+            self.lr_schedulers().step()
+            opt.zero_grad(set_to_none=True)
+        self._log_train(total)
+        return loss.detach()
+
+    def _log_train(self, total: Tensor) -> None:
+        """Per-step loss, epoch-to-date loss and accuracies (all global), and audio seconds per second."""
+        self.stats["train"] = self.stats["train"].to(total) + total[: len(STATS)]
+        loss, masked, masked_correct, unmasked, unmasked_correct = self.stats["train"]
+        self.log("train_loss_step", total[0] / total[1])
+        self.log("train_loss", loss / masked, prog_bar=True)
+        self.log("train_masked_accuracy", masked_correct / masked, prog_bar=True)
+        self.log("train_unmasked_accuracy", unmasked_correct / unmasked.clamp_min(1))
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            self.log("audio_seconds_per_second", total[len(STATS)] / (now - self._last_step_time))
+        self._last_step_time = now
+
+    def on_train_epoch_start(self):
+        # Before the epoch's data iterator exists: its worker seeds and crops depend on (seed, epoch) only.
+        torch.manual_seed(hash((self.hparams.seed, -1, self.current_epoch)) & 0xFFFF_FFFF)
+        self.stats["train"].zero_()
+        self._last_step_time = None
+
+    # ---- validation ---------------------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx):
+        _, row = self._step(batch)
+        self.stats["val"] = self.stats["val"].to(row) + torch.where(torch.isfinite(row[0]), row, 0.0)
+        return row[0]
+
+    def on_validation_epoch_start(self):
+        self.stats["val"].zero_()
+
+    def on_validation_epoch_end(self):
+        total = self.trainer.strategy.reduce(self.stats["val"].to(self.device), reduce_op="sum")
+        loss, masked, masked_correct, unmasked, unmasked_correct = total
+        # Already global: sync_dist only keeps Lightning's epoch-level bookkeeping consistent across ranks.
+        self.log("val_loss", loss / masked, sync_dist=True)
+        self.log("val_masked_accuracy", masked_correct / masked, sync_dist=True)
+        self.log("val_unmasked_accuracy", unmasked_correct / unmasked.clamp_min(1), sync_dist=True)
+
+    # ---- data -----------------------------------------------------------------------------------------
+    def _loader(self, subset: str, train: bool) -> DataLoader:
+        h = self.hparams
+        dataset = HuBERTDataSet(h.dataset_path, h.dataset, subset, feature_type=h.feature_type)
+        align = h.align_buckets if train else "none"
+        sampler = BucketizeBatchSampler(
+            dataset.len_list, num_buckets=h.num_buckets if train else 1000, min_len=MIN_LEN, max_len=MAX_LEN,
+            max_token_count=int(h.seconds_per_batch * SAMPLE_RATE), shuffle=train, align_buckets=align,
+            seed=self.current_epoch)
+        aligner = sampler.gen_bucket_boundary_fn() if align != "none" else None
+        if train and h.show_traindataloader_stats and self.global_rank == 0:
+            print(format_stats(loader_stats(sampler, dataset.len_list, pad=align != "none", aligner=aligner)))
+        batches = DistributedBatchSampler(sampler, num_replicas=self.trainer.world_size, rank=self.global_rank,
+                                          shuffle=train and not h.all_deterministic)
+        batches.set_epoch(self.current_epoch)
+        collate = CollateFnHubert(h.feature_type, pad=align != "none", rand_crop=True, aligner=aligner)
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=h.num_workers,
+                          persistent_workers=False, pin_memory=self.device.type == "cuda")
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("valid", train=False)
+
+    # ---- checkpoints ----------------------------------------------------------------------------------
+    def _param_names(self):
+        return [name for name, _ in self.model.named_parameters()]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store the model config (the checkpoint rebuilds its model alone); ``save_1d_ckpt`` writes the
+        conv weights and their Adam moments in the conv1d layout (the live state is not touched)."""
+        checkpoint["hubert_config"] = self.model.config
+        if self.hparams.save_1d_ckpt:
+            checkpoint["state_dict"] = convert_conv_layout(checkpoint["state_dict"], use_conv2d=False)
+            checkpoint["optimizer_states"] = [convert_optimizer_state(s, self._param_names(), use_conv2d=False)
+                                              for s in checkpoint["optimizer_states"]]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Any conv layout resumes any run: convert to this model's."""
+        use_conv2d = self.hparams.use_conv2d
+        checkpoint["state_dict"] = convert_conv_layout(checkpoint["state_dict"], use_conv2d)
+        checkpoint["optimizer_states"] = [convert_optimizer_state(s, self._param_names(), use_conv2d)
+                                          for s in checkpoint.get("optimizer_states", [])]
+
+
+def checkpoint_dir(exp_dir: Path, dataset: str, model_name: str) -> Path:
+    return Path(exp_dir) / f"checkpoints_{dataset}_{model_name}"

@@ -1,0 +1,139 @@
+"""File lists (create_tsv), the audio checks and atomic writes, on real FLAC files.
+
+Beware when writing tests here: upstream's rule is that a file is used if "train" appears anywhere in its
+full path, and pytest's tmp_path contains the test name, so no test that builds a corpus in tmp_path may
+have "train" in its name.
+"""
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from utils.common_utils import BadAudioError, atomic_write, audio_problem, create_tsv, list_audio
+
+# Sample counts of the corpus's train files, in sorted path order: 0.5 s to 2.3 s, none a round number of
+# frames, so frame-count formulas are really exercised.
+TRAIN_SAMPLES = [8000 + 4123 * i for i in range(8)]
+
+
+def tone(num_samples: int, freq: float, seed: int, channels: int = 1) -> np.ndarray:
+    t = np.arange(num_samples) / 16000
+    x = 0.3 * np.sin(2 * np.pi * freq * t) + 0.05 * np.random.default_rng(seed).standard_normal(num_samples)
+    return np.repeat(x[:, None], channels, axis=1) if channels > 1 else x
+
+
+def make_corpus(root):
+    """A LibriSpeech-like tree: 8 train clips over 2 speakers, a dev-clean clip (no 'train' in its path),
+    and a hidden folder and a hidden file that must be ignored. Returns the train clips' relative paths
+    (sorted) with their sample counts."""
+    files = []
+    for i, n in enumerate(TRAIN_SAMPLES):
+        speaker = 103 + i % 2
+        rel = f"LibriSpeech/train-clean-100/{speaker}/1240/{speaker}-1240-{i:04d}.flac"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        soundfile.write(root / rel, tone(n, 150 + 40 * i, i), 16000, subtype="PCM_16")
+        files.append((rel, n))
+    (root / "LibriSpeech/dev-clean/1/2").mkdir(parents=True)
+    soundfile.write(root / "LibriSpeech/dev-clean/1/2/1-2-0000.flac", tone(9000, 300, 99), 16000)
+    (root / ".trash/train-clean-100").mkdir(parents=True)
+    soundfile.write(root / ".trash/train-clean-100/old.flac", tone(9000, 300, 98), 16000)
+    soundfile.write(root / "LibriSpeech/train-clean-100/.hidden-train.flac", tone(9000, 300, 97), 16000)
+    return sorted(files)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    return root, make_corpus(root)
+
+
+def read_lines(path):
+    return path.read_text().splitlines()
+
+
+def test_tsv_format_sorted_order_and_seeded_split(corpus, tmp_path):
+    root, files = corpus
+    summary = create_tsv(root, tmp_path / "tsv", valid_percent=0.3, seed=0)
+    draws = torch.Generator().manual_seed(0)
+    expected = {"train": [], "valid": []}
+    for rel, n in files:  # one draw per train file, in sorted order, as with torch.manual_seed(0)
+        expected["train" if torch.rand(1, generator=draws).item() > 0.3 else "valid"].append(f"{rel}\t{n}")
+    assert expected["valid"] and expected["train"]
+    for split in ("train", "valid"):
+        lines = read_lines(tmp_path / "tsv" / f"librispeech_{split}.tsv")
+        assert lines[0] == str(root)
+        assert lines[1:] == expected[split]
+    assert len(summary.train) + len(summary.valid) == 8 and not summary.skipped
+    assert summary.hours() == pytest.approx(sum(TRAIN_SAMPLES) / 16000 / 3600)
+    # The same seed gives the same files byte for byte; another seed another split.
+    first = (tmp_path / "tsv" / "librispeech_valid.tsv").read_bytes()
+    create_tsv(root, tmp_path / "again", valid_percent=0.3, seed=0)
+    assert (tmp_path / "again" / "librispeech_valid.tsv").read_bytes() == first
+    create_tsv(root, tmp_path / "seed1", valid_percent=0.3, seed=1)
+    assert (tmp_path / "seed1" / "librispeech_valid.tsv").read_bytes() != first
+
+
+def test_dataset_name_and_no_valid_split(corpus, tmp_path):
+    root, _ = corpus
+    create_tsv(root, tmp_path, dataset="librilight", valid_percent=0.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["librilight_train.tsv"]
+    assert len(read_lines(tmp_path / "librilight_train.tsv")) == 1 + 8
+
+
+def test_empty_valid_split_is_an_error(corpus, tmp_path):
+    root, _ = corpus
+    with pytest.raises(ValueError, match="no file fell into the valid split"):
+        create_tsv(root, tmp_path, valid_percent=0.01)  # the 8 seed-0 draws are all above 0.01
+    assert not list(tmp_path.iterdir())
+
+
+def test_listing_ignores_hidden_and_sorts(corpus):
+    root, files = corpus
+    listed = [p.as_posix() for p in list_audio(root)]
+    assert listed == sorted(listed)
+    assert "LibriSpeech/dev-clean/1/2/1-2-0000.flac" in listed
+    assert not [p for p in listed if "/." in f"/{p}"]
+    assert [p for p in listed if "train" in p] == [rel for rel, _ in files]
+
+
+def test_audio_checks_name_every_bad_file_at_once(tmp_path_factory):
+    root = tmp_path_factory.mktemp("badcorpus")
+    folder = root / "train-clean-100/1/1"
+    folder.mkdir(parents=True)
+    soundfile.write(folder / "good.flac", tone(16000, 200, 0), 16000)
+    soundfile.write(folder / "short_but_fine.flac", tone(400, 200, 0), 16000)  # below 2 s: not an error
+    (folder / "corrupt.flac").write_bytes(b"this is not FLAC" * 64)
+    (folder / "empty.flac").write_bytes(b"")
+    soundfile.write(folder / "rate8k.flac", tone(8000, 200, 1), 8000)
+    soundfile.write(folder / "stereo.flac", tone(16000, 200, 2, channels=2), 16000)
+    soundfile.write(folder / "tiny.flac", tone(100, 200, 3), 16000)
+    assert audio_problem(folder / "good.flac") == (16000, None)
+    with pytest.raises(BadAudioError) as error:
+        create_tsv(root, root / "tsv", valid_percent=0.0)
+    message = str(error.value)
+    assert message.startswith("5 bad audio file(s)")
+    for name, why in [("corrupt.flac", "unreadable or corrupt"), ("empty.flac", "empty file"),
+                      ("rate8k.flac", "sample rate 8000 Hz"), ("stereo.flac", "2 channels"),
+                      ("tiny.flac", "only 100 samples")]:
+        assert f"{folder / name}: {why}" in message
+    assert "good.flac" not in message and "short_but_fine" not in message
+    assert not (root / "tsv").exists()
+
+    summary = create_tsv(root, root / "tsv", valid_percent=0.0, skip_bad=True)
+    assert len(summary.skipped) == 5
+    assert read_lines(root / "tsv/librispeech_train.tsv")[1:] == [
+        "train-clean-100/1/1/good.flac\t16000", "train-clean-100/1/1/short_but_fine.flac\t400"]
+
+
+def test_atomic_write_leaves_nothing_when_interrupted(tmp_path):
+    target = tmp_path / "out.pt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(target, "w") as f:
+            f.write("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.pt"]
+    with atomic_write(target, "w") as f:
+        f.write("new")
+    assert target.read_text() == "new" and len(list(tmp_path.iterdir())) == 1

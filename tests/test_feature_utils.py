@@ -1,0 +1,104 @@
+"""Feature extraction and shard dumping: shard ranges, audio loading, MFCC against torchaudio, HuBERT layer
+features from a checkpoint, and skip/recompute of finished shards."""
+import numpy as np
+import pytest
+import soundfile
+import torch
+import torchaudio
+
+from model import hubert_pretrain_tiny
+from tests.test_common_utils import tone
+from utils.feature_utils import (dump_features, hubert_extractor, load_audio, mfcc_extractor, shard_paths,
+                                 shard_range)
+
+
+def save_checkpoint(path, **flags):
+    """A checkpoint as train.py writes it (Lightning ``model.`` keys plus the model config)."""
+    model = hubert_pretrain_tiny(**flags)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hubert_config": model.config}, path)
+    return model
+
+
+def test_shard_ranges_round_half_even():
+    # n / R = 2.5: round(2.5) = 2 and round(7.5) = 8 (half to even), as upstream.
+    assert [shard_range(10, r, 4) for r in range(1, 5)] == [(0, 2), (2, 5), (5, 8), (8, 10)]
+    assert [shard_range(3, r, 5) for r in range(1, 6)] == [(0, 1), (1, 1), (1, 2), (2, 2), (2, 3)]
+    for n in range(1, 30):
+        for num_rank in range(1, 8):
+            ranges = [shard_range(n, r, num_rank) for r in range(1, num_rank + 1)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    with pytest.raises(ValueError, match="rank must be in"):
+        shard_range(10, 0, 4)
+    with pytest.raises(ValueError, match="empty"):
+        shard_range(0, 1, 4)
+
+
+def test_load_audio_matches_torchaudio_scaling_and_names_bad_files(tmp_path):
+    ints = np.array([[0, 5], [-32768, 7], [32767, -1], [123, 0]] * 200, dtype=np.int16)
+    soundfile.write(tmp_path / "stereo.flac", ints, 16000, subtype="PCM_16")
+    waveform = load_audio(tmp_path / "stereo.flac")
+    assert waveform.dtype == torch.float32 and waveform.shape == (800,)
+    assert torch.equal(waveform, torch.from_numpy(ints[:, 0].astype(np.float32) / 32768))
+    with pytest.raises(ValueError, match="stereo.flac: has 800 samples but the TSV says 801"):
+        load_audio(tmp_path / "stereo.flac", 801)
+    soundfile.write(tmp_path / "full.flac", tone(32000, 200, 0), 16000, subtype="PCM_16")
+    data = (tmp_path / "full.flac").read_bytes()
+    (tmp_path / "cut.flac").write_bytes(data[: len(data) // 2])  # header intact, frames missing
+    with pytest.raises(ValueError, match="cut.flac"):
+        load_audio(tmp_path / "cut.flac", 32000)
+    soundfile.write(tmp_path / "rate.flac", tone(8000, 200, 0), 8000)
+    with pytest.raises(ValueError, match="rate.flac: sample rate 8000 Hz"):
+        load_audio(tmp_path / "rate.flac")
+
+
+@pytest.mark.filterwarnings("ignore:At least one mel filterbank has all zero values")
+def test_mfcc_equals_torchaudio_and_has_100hz_frames():
+    extractor = mfcc_extractor()
+    for num_samples in (400, 559, 560, 17123):
+        waveform = torch.from_numpy(tone(num_samples, 220, num_samples).astype(np.float32))
+        feature = extractor.extract(waveform)
+        assert feature.shape == ((num_samples - 400) // 160 + 1, 39) and feature.dtype == torch.float32
+        mfcc = torchaudio.transforms.MFCC(sample_rate=16000, n_mfcc=13,
+                                          melkwargs={"n_fft": 400, "hop_length": 160, "center": False})(waveform)
+        deltas = torchaudio.functional.compute_deltas(mfcc)
+        expected = torch.cat([mfcc, deltas, torchaudio.functional.compute_deltas(deltas)]).T
+        assert torch.equal(feature, expected)
+    assert extractor.dim == 39
+
+
+def test_hubert_layer_features_in_eval_mode_from_a_conv2d_checkpoint(tmp_path):
+    model = save_checkpoint(tmp_path / "conv2d.ckpt", use_conv2d=True)
+    extractor = hubert_extractor(tmp_path / "conv2d.ckpt", 3, "cpu")
+    waveform = torch.from_numpy(tone(12345, 220, 0).astype(np.float32))
+    feature = extractor.extract(waveform)
+    assert feature.shape == ((12345 - 400) // 320 + 1, 256) and extractor.dim == 256
+    model.eval()  # dropout off: the features are the layer output, the same on every call
+    with torch.no_grad():
+        expected = model.wav2vec2.extract_features(waveform[None], num_layers=3)[0][-1][0]
+    torch.testing.assert_close(feature, expected, atol=1e-5, rtol=0)
+    assert torch.equal(extractor.extract(waveform), feature)
+    with pytest.raises(ValueError, match="--layer-index 7 is out of range: .*conv2d.ckpt has 6"):
+        hubert_extractor(tmp_path / "conv2d.ckpt", 7, "cpu")
+
+
+def test_dump_skips_finished_shards_and_redoes_changed_ones(tmp_path):
+    root = tmp_path / "audio"
+    root.mkdir()
+    lengths = [4000, 5000, 6001]
+    for i, n in enumerate(lengths):
+        soundfile.write(root / f"{i}.flac", tone(n, 200 + 30 * i, i), 16000, subtype="PCM_16")
+    tsv = tmp_path / "list.tsv"
+    tsv.write_text(f"{root}\n" + "".join(f"{i}.flac\t{n}\n" for i, n in enumerate(lengths)))
+    feat_dir, extractor = tmp_path / "feat", mfcc_extractor()
+    assert [dump_features(tsv, feat_dir, "train", r, 2, extractor) for r in (1, 2)] == [True, True]
+    feat, lens, done = shard_paths(feat_dir, "train", 2, 2)
+    assert torch.load(lens).tolist() == [(n - 400) // 160 + 1 for n in lengths[2:]]  # round(1.5) = 2
+    assert torch.load(feat).shape == (sum(torch.load(lens).int()), 39)
+    assert not dump_features(tsv, feat_dir, "train", 2, 2, extractor)
+    feat.unlink()  # an incomplete shard is redone
+    assert dump_features(tsv, feat_dir, "train", 2, 2, extractor)
+    tsv.write_text(f"{root}\n" + "".join(f"{i}.flac\t{n}\n" for i, n in reversed(list(enumerate(lengths)))))
+    assert dump_features(tsv, feat_dir, "train", 2, 2, extractor)  # same file names, other TSV content
+    assert torch.load(lens).tolist() == [(lengths[0] - 400) // 160 + 1]

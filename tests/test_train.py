@@ -1,0 +1,129 @@
+"""train.py + lightning.py through the real Lightning Trainer on CPU."""
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from tests.fixtures import make_prepared_dataset
+from utils.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--model-name", "hubert_pretrain_tiny", "--num-workers", "0", "--log-every-n-steps", "1"]
+
+
+def args_for(data, exp, *extra, feature_type="mfcc", num_classes=10):
+    return ["--dataset-path", str(data), "--exp-dir", str(exp), "--feature-type", feature_type,
+            "--num-classes", str(num_classes), *TINY, *extra]
+
+
+def metrics(exp: Path):
+    rows = list(csv.DictReader(open(next(exp.glob("lightning_logs/version_*/metrics.csv")))))
+    return rows
+
+
+def last_ckpt(exp: Path) -> Path:
+    return exp / "checkpoints_librispeech_hubert_pretrain_tiny" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_prepared_dataset(tmp_path_factory.mktemp("prepared"))
+
+
+def test_overfitting_one_utterance_lowers_the_loss(tmp_path):
+    """One utterance: the loss must fall well below what learning the label frequencies alone gives
+    (the entropy of its label distribution), i.e. the model uses the audio and the context."""
+    data = make_prepared_dataset(tmp_path / "one", n_train=1, n_valid=1, seconds=(3.0, 3.0))
+    train.main(args_for(data, tmp_path / "exp", "--max-updates", "40", "--warmup-updates", "3",
+                        "--learning-rate", "0.002", "--all-deterministic", "--no-layerdrop",
+                        "--seconds-per-batch", "16"))
+    losses = [float(r["train_loss_step"]) for r in metrics(tmp_path / "exp") if r["train_loss_step"]]
+    assert len(losses) == 40
+    labels = np.array((data / "label" / "label_train.pt").read_text().split(), dtype=int)[::2]
+    prior = np.bincount(labels) / len(labels)
+    entropy = -sum(p * math.log(p) for p in prior if p > 0)
+    assert np.mean(losses[-10:]) < 0.7 * entropy < np.mean(losses[:3]), (entropy, losses)
+
+
+def test_resume_continues_step_lr_and_optimizer_exactly(data, tmp_path):
+    """6 updates straight == 3 updates, stop, resume from that checkpoint, 3 more."""
+    common = ["--max-updates", "6", "--warmup-updates", "2", "--seconds-per-batch", "16"]
+    train.main(args_for(data, tmp_path / "straight", *common))
+    first = tmp_path / "straight" / "checkpoints_librispeech_hubert_pretrain_tiny" / "epoch=0-step=3.ckpt"
+    assert first.exists()
+    trainer, module = train.main(args_for(data, tmp_path / "resumed", *common, "--resume-checkpoint", str(first)))
+    assert trainer.global_step == 6
+    straight, resumed = load_checkpoint(last_ckpt(tmp_path / "straight")), load_checkpoint(last_ckpt(tmp_path / "resumed"))
+    assert resumed["global_step"] == straight["global_step"] == 6
+    assert resumed["lr_schedulers"][0]["_step_count"] == straight["lr_schedulers"][0]["_step_count"]
+    for key, value in straight["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=1e-6, msg=key)
+    for idx, state in straight["optimizer_states"][0]["state"].items():
+        torch.testing.assert_close(resumed["optimizer_states"][0]["state"][idx]["exp_avg_sq"], state["exp_avg_sq"],
+                                   rtol=0, atol=1e-9)
+
+
+def test_two_process_ddp_over_gloo_ends_with_identical_weights(data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           str(REPO / "tests" / "ddp_worker.py"), str(tmp_path / "weights"),
+           *args_for(data, tmp_path / "exp", "--accelerator", "cpu", "--devices", "2", "--max-updates", "3",
+                     "--warmup-updates", "1", "--seconds-per-batch", "16")]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"weights.{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0["global_step"] == rank1["global_step"] == 3 and rank0["world_size"] == 2
+    for key, value in rank0["state_dict"].items():
+        assert torch.equal(rank1["state_dict"][key], value), key
+    start = torch.load(tmp_path / "weights.init.pt", weights_only=True)
+    assert any(not torch.equal(start[k], v) for k, v in rank0["state_dict"].items()), "nothing was trained"
+
+
+# Habana README command lines (spec §9.4), with only the device flags swapped for CPU, plus the
+# overrides a 2-core test needs (tiny model, one update, a small batch).
+ITER1 = ("--feature-type mfcc --num-class 100 --max-updates 245594 --warmup-updates 31436 --learning-rate 0.0005 "
+         "--hpus 8 --num-nodes 1 --num-buckets=10 --align-buckets=bucket1 --accumulate-grad-batches 1 --all-static "
+         "--use-conv2d --use-instancenorm --use-fused-clip --optimizer fusedadamw --autocast --seconds-per-batch 350 "
+         "--use-max-sub-softmax-opt --recompilation-optimization")
+ITER2 = ("--feature-type hubert --num-class 500 --max-updates 395120 --warmup-updates 31610 --learning-rate 0.0005 "
+         "--hpus 8 --num-nodes 1 --num-buckets=10 --align-buckets=bucket1 --accumulate-grad-batches 2 --all-static "
+         "--use-conv2d --use-instancenorm --use-fused-clip --optimizer fusedadamw --autocast --seconds-per-batch 175 "
+         "--use-max-sub-softmax-opt --recompilation-optimization --split-logits")
+
+
+@pytest.mark.parametrize("command, feature_type, num_classes", [(ITER1, "mfcc", 100), (ITER2, "hubert", 500)],
+                         ids=["iteration1", "iteration2"])
+def test_seed_command_lines_run_on_cpu(tmp_path, command, feature_type, num_classes):
+    data = make_prepared_dataset(tmp_path / "d", n_train=4, n_valid=2, feature_type=feature_type,
+                                 num_classes=num_classes)
+    flags = command.replace("--hpus 8", "--accelerator cpu --devices 1").split()
+    argv = ["--dataset-path", str(data), "--exp-dir", str(tmp_path / "exp"), *flags, *TINY,
+            "--max-updates", "2", "--warmup-updates", "1", "--seconds-per-batch", "16"]
+    trainer, module = train.main(argv)
+    assert trainer.global_step == 2 and module.skipped_steps == 0
+    model = module.model
+    assert model.static_logit_generator and model.logit_generator.split_logits == (feature_type == "hubert")
+    assert model.wav2vec2.feature_extractor.conv_layers[0].conv.weight.ndim == 4
+    assert isinstance(module.optimizers().optimizer, torch.optim.AdamW)
+    assert module.optimizers().optimizer.defaults["fused"]
+
+
+def test_missing_device_says_what_is_there(tmp_path):
+    with pytest.raises(SystemExit, match=r"asked for 8 HPU\(s\), but this machine has CPU .* use --accelerator cpu"):
+        train.main(["--dataset-path", str(tmp_path), "--feature-type", "mfcc", "--num-classes", "100",
+                    "--hpus", "8"])
+
+
+def test_betas_parse():
+    assert train.parse_args(["--dataset-path", "x", "--feature-type", "mfcc", "--num-classes", "100",
+                             "--betas", "(0.9, 0.95)"]).betas == (0.9, 0.95)
+    assert train.parse_betas("0.8,0.9") == (0.8, 0.9)
+    with pytest.raises(Exception, match="two floats"):
+        train.parse_betas("0.9")
