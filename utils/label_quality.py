@@ -150,11 +150,17 @@ def measure(tsv_path, label_path, alignment_paths, label_rate=None):
     labels = read_labels(label_path, len(ids))
     alignments = read_alignments([alignment_paths] if isinstance(alignment_paths, (str, Path))
                                  else alignment_paths)
+    return measure_arrays(ids, num_samples, labels, alignments, label_rate, source=tsv_path)
+
+
+def measure_arrays(ids, num_samples, labels, alignments, label_rate=None, source="the labels"):
+    """measure() on in-memory data: utterance ids, their sample counts, their label arrays and the
+    {utt-id: phones} alignments."""
     rate = label_rate or detect_label_rate(labels, num_samples)
     all_phones, all_labels = [], []
     for utt, n, utt_labels in zip(ids, num_samples, labels):
         if utt not in alignments:
-            raise ValueError(f"utterance {utt} of {tsv_path} has no alignment")
+            raise ValueError(f"utterance {utt} of {source} has no alignment")
         phones = alignments[utt]
         expected = (n - 400) // 160 + 1
         if abs(len(phones) - expected) > MAX_FRAME_MISMATCH:
