@@ -1,0 +1,165 @@
+"""export.py: a Lightning checkpoint -> torchaudio file and HF HubertModel folder, layer by layer equal to ours.
+
+Padding, as found in transformers 5.x: HubertModel turns ``attention_mask`` (samples) into frame lengths
+with the conv formula, zeroes the padded frames after the feature projection and masks them as keys,
+which is what our model does with ``lengths`` -- so every frame agrees, padded ones included. Without
+``attention_mask`` both treat the zeros as signal and agree too. What no mask fixes: a group-norm
+extractor normalises over the whole padded waveform, so a padded clip's features differ from the same clip
+alone (in our model, torchaudio's and HF's alike); a layer-norm extractor is per frame, so there they match.
+``hidden_states`` of transformers 5.x are (input of layer 1, output of layer 1, ..., output of layer L)
+before the final layer norm of a pre-LN encoder, the same as our ``extract_features`` after the first.
+"""
+import pytest
+import torch
+import torchaudio
+from transformers import HubertConfig, HubertModel  # a test dependency (requirements-dev.txt)
+
+import export
+from model import hubert_pretrain_base, hubert_pretrain_model, hubert_pretrain_tiny
+from tests.test_model import SMALL
+
+PRE_LN = {**SMALL, "encoder_num_layers": 2}  # Large's layout: layer-norm extractor, pre-LN, conv bias
+LENGTHS = torch.tensor([16000, 11000])
+
+
+def build(arch: str, conv2d: bool, **overrides):
+    """A model whose every parameter is random (an identity LayerNorm would hide a swapped mapping)."""
+    flags = dict(use_conv2d=True, use_instancenorm=True) if conv2d else {}
+    if arch == "tiny":
+        model = hubert_pretrain_tiny(**flags, **overrides)
+    else:
+        model = hubert_pretrain_model(**{**PRE_LN, **overrides}, **flags)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def save_lightning(model, path):
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hubert_config": model.config, "global_step": 7}, path)
+    return path
+
+
+def padded_batch():
+    torch.manual_seed(2)
+    waveforms = torch.randn(2, 16000)
+    waveforms[1, LENGTHS[1]:] = 0.0
+    attention_mask = (torch.arange(16000) < LENGTHS[:, None]).long()
+    return waveforms, attention_mask
+
+
+def assert_layers_close(ours, theirs):
+    assert len(ours) == len(theirs)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0, msg=lambda m: f"layer {i + 1}: {m}")
+
+
+@pytest.mark.parametrize("conv2d", [False, True], ids=["conv1d", "conv2d"])
+@pytest.mark.parametrize("arch", ["tiny", "pre_ln"])
+def test_exports_match_ours_in_every_layer(tmp_path, arch, conv2d, capsys):
+    source = build(arch, conv2d)
+    ckpt = save_lightning(source, tmp_path / "epoch=0-step=7.ckpt")
+    export.main(["--checkpoint", str(ckpt), "--torchaudio", str(tmp_path / "ta.pt"),
+                 "--hf-dir", str(tmp_path / "hf")])
+    printed = capsys.readouterr().out
+    assert "max |diff| vs ours" in printed and "hubert_pretraining_head.pt" in printed
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "config.json", "hubert_pretraining_head.pt", "model.safetensors"]
+    assert not list(tmp_path.glob(".*"))  # no temporary leftovers
+
+    obj = torch.load(tmp_path / "ta.pt", weights_only=True)
+    ta_model = torchaudio.models.wav2vec2_model(**obj["config"]).eval()
+    ta_model.load_state_dict(obj["state_dict"])  # strict
+    hf_model, info = HubertModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not any(info.values()), info
+    hf_model.eval()
+    assert hf_model.config.do_stable_layer_norm == (arch == "pre_ln")
+    assert hf_model.config.feat_extract_norm == ("layer" if arch == "pre_ln" else "group")
+
+    waveforms, attention_mask = padded_batch()
+    with torch.no_grad():
+        ours, frames = source.wav2vec2.extract_features(waveforms, LENGTHS)
+        ta_layers, ta_frames = ta_model.extract_features(waveforms, LENGTHS)
+        hf_out = hf_model(waveforms, attention_mask=attention_mask, output_hidden_states=True)
+        assert torch.equal(ta_frames, frames)
+        assert_layers_close(ours, ta_layers)
+        assert_layers_close(ours, hf_out.hidden_states[1:])
+        torch.testing.assert_close(hf_out.last_hidden_state, source.wav2vec2(waveforms, LENGTHS)[0],
+                                   atol=1e-5, rtol=0)
+        # No padding information at all: the zeros are signal for both.
+        unmasked = hf_model(waveforms, output_hidden_states=True).hidden_states[1:]
+        assert_layers_close(source.wav2vec2.extract_features(waveforms)[0], unmasked)
+        # The padded clip against the same clip alone: equal only with a per-frame (layer-norm) extractor.
+        alone = hf_model(waveforms[1:, :LENGTHS[1]]).last_hidden_state[0]
+        gap = (alone - hf_out.last_hidden_state[1, :frames[1]]).abs().max().item()
+        assert gap < 1e-5 if arch == "pre_ln" else gap > 1e-2
+
+    head = torch.load(tmp_path / "hf" / "hubert_pretraining_head.pt", weights_only=True)
+    expected = {k: v for k, v in source.state_dict().items() if k.startswith("logit_generator.")}
+    assert head.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(head[k], expected[k])
+    assert torch.equal(hf_model.masked_spec_embed, source.mask_generator.mask_embedding)
+
+
+ARCH_FIELDS = ("feat_extract_norm", "conv_dim", "conv_kernel", "conv_stride", "conv_bias", "hidden_size",
+               "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_conv_pos_embeddings",
+               "num_conv_pos_embedding_groups", "do_stable_layer_norm", "layer_norm_eps", "hidden_act")
+
+
+def arch_fields(config):
+    return {f: list(v) if isinstance(v, (list, tuple)) else v for f in ARCH_FIELDS for v in [getattr(config, f)]}
+
+
+def test_base_export_loads_into_torchaudio_hubert_base_and_has_hf_base_config():
+    model = hubert_pretrain_base()
+    torchaudio.models.hubert_base().load_state_dict(export.encoder_state_dict(model))  # strict
+    # HubertConfig's defaults are the facebook/hubert-base-ls960 architecture.
+    assert arch_fields(export.hf_config(model)) == arch_fields(HubertConfig())
+
+
+def test_existing_outputs_are_kept_unless_overwrite(tmp_path):
+    # No masking: HubertModel then has no masked_spec_embed, so the mask embedding goes to the head file.
+    source = build("pre_ln", conv2d=False, mask_prob=0.0)
+    ckpt = save_lightning(source, tmp_path / "model.ckpt")
+    out, ta = tmp_path / "hf", tmp_path / "ta.pt"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    ta.write_bytes(b"old")
+    for flag, path in (("--hf-dir", out), ("--torchaudio", ta)):
+        with pytest.raises(SystemExit, match=f"{path} already exists; pass --overwrite"):
+            export.main(["--checkpoint", str(ckpt), flag, str(path)])
+    assert (out / "stale.txt").exists() and ta.read_bytes() == b"old"
+
+    export.main(["--checkpoint", str(ckpt), "--hf-dir", str(out), "--torchaudio", str(ta), "--overwrite"])
+    assert not (out / "stale.txt").exists()
+    assert torch.load(ta, weights_only=True)["config"]["encoder_num_layers"] == 2
+    head = torch.load(out / "hubert_pretraining_head.pt", weights_only=True)
+    assert torch.equal(head["mask_generator.mask_embedding"], source.mask_generator.mask_embedding)
+    assert not hasattr(HubertModel.from_pretrained(out), "masked_spec_embed")
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_bad_checkpoints_name_the_file(tmp_path):
+    with pytest.raises(SystemExit, match="nope.ckpt does not exist"):
+        export.main(["--checkpoint", str(tmp_path / "nope.ckpt"), "--torchaudio", str(tmp_path / "ta.pt")])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"model.weight": torch.zeros(3)}}, foreign)
+    with pytest.raises(SystemExit, match="foreign.pt does not hold a HuBERT pre-training model"):
+        export.main(["--checkpoint", str(foreign), "--hf-dir", str(tmp_path / "hf")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.pt"]
+    with pytest.raises(SystemExit):  # argparse: nothing to export
+        export.main(["--checkpoint", str(foreign)])
+
+
+def test_check_refuses_differences_above_tolerance():
+    ours = torch.zeros(1, 5, 4)
+    assert export.max_difference("x", ours, ours + 5e-5) == pytest.approx(5e-5)
+    with pytest.raises(ValueError, match="differ by 0.0002 from ours"):
+        export.max_difference("x", ours, ours + 2e-4)
+    with pytest.raises(ValueError, match="differ by nan"):
+        export.max_difference("x", ours, ours * float("nan"))
+    with pytest.raises(ValueError, match="shape"):
+        export.max_difference("x", ours, ours[:, :4])
