@@ -20,6 +20,7 @@ A re-run skips the shards (and the k-means fit) whose inputs did not change.
 import argparse
 import logging
 import os
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -166,4 +167,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError) as e:  # bad input: say what and where, without a traceback
+        sys.exit(f"preprocess.py: error: {e}")

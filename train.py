@@ -6,6 +6,7 @@
     # the same on 8 NVIDIA GPUs: --gpus 8 instead of --hpus 8; on CPU: --accelerator cpu --devices N
 """
 import argparse
+import ast
 import logging
 import os
 import re
@@ -19,6 +20,7 @@ from pytorch_lightning.strategies import DDPStrategy
 
 from lightning import HuBERTPreTrainModule, checkpoint_dir
 from model import FACTORIES
+from utils.checkpoint import load_checkpoint
 from utils.device import check_devices, hpu_accelerator_and_strategy, set_hpu_autocast_lists
 
 SCRIPT_DIR = Path(__file__).resolve().parent
@@ -32,6 +34,17 @@ def parse_betas(text: str):
     except ValueError:
         raise argparse.ArgumentTypeError(f"--betas wants two floats like 0.9,0.98, got {text!r}")
     return b1, b2
+
+
+def parse_model_arg(text: str):
+    """'name=value' with a Python literal value ('mask_prob=0.65', 'encoder_layer_norm_first=True')."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"--model-arg wants NAME=VALUE, got {text!r}")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name, value  # a bare string, e.g. label_embedding_init=normal
 
 
 def parse_args(argv=None):
@@ -89,9 +102,16 @@ def parse_args(argv=None):
     a("--autocast-fp32", default="ops_fp32_hubert.txt", help="HPU fp32 op list, relative to this script")
     a("--num-workers", type=int, default=10, help="data loader worker processes per device")
     a("--seed", type=int, default=1337)
+    a("--masked-weight", type=float, default=1.0, help="loss weight of the masked frames")
+    a("--unmasked-weight", type=float, default=0.0, help="loss weight of the unmasked frames")
+    a("--feature-weight", type=float, default=10.0, help="weight of the CNN feature penalty")
+    a("--model-arg", type=parse_model_arg, action="append", default=[], metavar="NAME=VALUE",
+      help="override a hubert_pretrain_model argument, e.g. encoder_layer_norm_first=True (repeatable)")
     args = p.parse_args(argv)
     if args.gpus > -1 and args.hpus > -1:
         p.error("use either --gpus or --hpus, not both")
+    if not 0 < args.warmup_updates < args.max_updates:
+        p.error(f"need 0 < --warmup-updates ({args.warmup_updates}) < --max-updates ({args.max_updates})")
     if args.seconds_per_batch * 16000 < 250000:
         p.error(f"--seconds-per-batch {args.seconds_per_batch} is below 15.625 s, the longest training utterance "
                 "(250000 samples): every batch must be able to hold one")
@@ -172,6 +192,11 @@ class TrainStatCallback(pl.Callback):
 
 def build(args):
     """The Trainer and the LightningModule for these arguments (nothing runs yet)."""
+    if args.resume_checkpoint is not None:
+        try:  # fail now, naming the file, rather than deep inside Lightning
+            load_checkpoint(args.resume_checkpoint)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"train.py: error: --resume-checkpoint: {e}")
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO)
     if args.use_autocast and args.hpus > -1:  # before anything imports habana_frameworks
         set_hpu_autocast_lists(str(SCRIPT_DIR / args.autocast_bf16), str(SCRIPT_DIR / args.autocast_fp32))
@@ -207,6 +232,8 @@ def build(args):
         recompilation_optimization=args.recompilation_optimization, split_logits=args.split_logits,
         optimizer_str=args.optimizer, use_autocast=args.use_autocast, save_1d_ckpt=args.save_1d_ckpt,
         num_workers=args.num_workers, seed=args.seed,
+        loss_weights=(args.masked_weight, args.unmasked_weight, args.feature_weight),
+        model_args=dict(args.model_arg),
     )
     return trainer, module
 
