@@ -1,6 +1,8 @@
 """The one place that knows about devices. Habana and CUDA specifics are imported lazily, so CPU always
 works and nothing device-specific is needed to import the project."""
+import contextlib
 import os
+import sys
 from typing import Iterable
 
 import torch
@@ -57,10 +59,44 @@ def set_hpu_autocast_lists(bf16_file: str, fp32_file: str) -> None:
         os.environ[fp32] = fp32_file
 
 
+@contextlib.contextmanager
+def hide_our_lightning_module():
+    """While active, ``import lightning`` fails.
+
+    lightning-habana builds on the ``lightning`` package whenever a module named ``lightning`` imports, and
+    the recipe's own ``lightning.py`` (upstream's file name) does; Habana renamed theirs for this reason.
+    Hidden, lightning-habana falls back to ``pytorch_lightning``, which is what we use."""
+    ours = sys.modules.get("lightning")
+    sys.modules["lightning"] = None
+    try:
+        yield
+    finally:
+        if ours is None:
+            del sys.modules["lightning"]
+        else:
+            sys.modules["lightning"] = ours
+
+
+def import_lightning_habana():
+    """lightning-habana's (HPUAccelerator, HPUParallelStrategy, SingleHPUStrategy), or an error saying how
+    to install a version that matches this pytorch-lightning."""
+    try:
+        with hide_our_lightning_module():
+            from lightning_habana.pytorch.accelerator import HPUAccelerator
+            from lightning_habana.pytorch.strategies import HPUParallelStrategy, SingleHPUStrategy
+    except ImportError as e:
+        import pytorch_lightning
+
+        raise SystemExit(
+            f"--hpus needs lightning-habana built for pytorch-lightning {pytorch_lightning.__version__} ({e}); "
+            "on Gaudi use the torch, pytorch-lightning and lightning-habana versions of Habana's image "
+            "(README: Habana Gaudi)") from e
+    return HPUAccelerator, HPUParallelStrategy, SingleHPUStrategy
+
+
 def hpu_accelerator_and_strategy(devices: int, num_nodes: int, single: bool, find_unused_parameters: bool):
     """lightning-habana's HPUAccelerator and strategy (HPUParallelStrategy as Habana's recipe)."""
-    from lightning_habana.pytorch.accelerator import HPUAccelerator
-    from lightning_habana.pytorch.strategies import HPUParallelStrategy, SingleHPUStrategy
+    HPUAccelerator, HPUParallelStrategy, SingleHPUStrategy = import_lightning_habana()
 
     if single and devices == 1 and num_nodes == 1:
         return HPUAccelerator(), SingleHPUStrategy()

@@ -1,0 +1,45 @@
+"""utils/device.py on a machine without HPU or GPU: clear errors, the CPU fallbacks, lightning-habana importable."""
+import sys
+
+import pytest
+import torch
+
+import lightning  # our LightningModule file: the name that confuses lightning-habana
+from utils.device import (check_devices, clip_grad_norm, describe_machine, hide_our_lightning_module,
+                          import_lightning_habana, make_optimizer)
+
+
+def test_our_lightning_py_is_hidden_from_lightning_habana():
+    """lightning-habana asks ``module_available("lightning")`` to pick its Lightning flavour; ours must say no
+    while it imports, and be back afterwards."""
+    from lightning_utilities.core.imports import module_available
+
+    assert module_available.__wrapped__("lightning")  # our lightning.py would be taken for the package
+    with hide_our_lightning_module():
+        assert not module_available.__wrapped__("lightning")
+    assert sys.modules["lightning"] is lightning
+
+
+def test_missing_lightning_habana_is_a_clear_error():
+    with pytest.raises(SystemExit, match="--hpus needs lightning-habana built for pytorch-lightning"):
+        import_lightning_habana()
+
+
+def test_missing_devices_name_what_is_there():
+    assert describe_machine().startswith("CPU (")
+    with pytest.raises(SystemExit, match=r"asked for 2 GPU\(s\), but this machine has CPU .*--accelerator cpu"):
+        check_devices("gpu", 2)
+    check_devices("cpu", 2)  # CPU processes are always available
+
+
+def test_fused_optimizer_and_clip_fall_back_off_hpu():
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+    opt = make_optimizer("fusedadamw", params, 1e-3, (0.9, 0.98), 1e-6, 0.01, "cpu")
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"]
+    for p in params:
+        p.grad = torch.full_like(p, 3.0)
+    norm = clip_grad_norm(params, 1.0, fused=True, device_type="cpu")
+    assert norm == pytest.approx((5 * 9) ** 0.5)  # five gradients of 3
+    assert torch.cat([p.grad for p in params]).norm() == pytest.approx(1.0, rel=1e-4)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        make_optimizer("sgd", params, 1e-3, (0.9, 0.98), 1e-6, 0.01, "cpu")
