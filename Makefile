@@ -22,7 +22,7 @@ test: $(VENV)/.installed espeak
 	$(PY) -m pytest -q
 
 demo: $(VENV)/.installed
-	$(PY) bench/model_step.py --quick
+	$(PY) tools/demo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

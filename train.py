@@ -81,6 +81,8 @@ def parse_args(argv=None):
     a("--dist-dataset", type=int, choices=[0, 1], default=1, help="0 with 1 HPU: single-device strategy")
     a("--debug", action="store_true", help="debug logging")
     a("--check-val-every-n-epoch", type=int, default=1)
+    a("--val-check-interval", type=int, default=None,
+      help="validate every N updates instead of every --check-val-every-n-epoch epochs")
     a("--num-sanity-val-steps", type=int, default=0)
     a("--align-buckets", choices=["none", "bucket1", "bucket2"], default="none",
       help="pad batches to bucket boundaries (bucket1: also in the batch budget)")
@@ -145,10 +147,12 @@ def default_num_nodes() -> int:
 
 
 class TrainStatCallback(pl.Callback):
-    """Rank 0 prints epoch, train and validation times (timing starts after ``skip_steps`` updates)."""
+    """Rank 0 prints epoch, train and validation times (timing starts after ``skip_steps`` updates) and a
+    summary line at the end; the final state is saved as last.ckpt."""
 
-    def __init__(self, skip_steps: int):
+    def __init__(self, skip_steps: int, last_ckpt: Path):
         self.skip_steps = skip_steps
+        self.last_ckpt = last_ckpt
         self.fit_start = self.epoch_start = self.val_start = 0.0
         self.timed_start = None
 
@@ -173,6 +177,11 @@ class TrainStatCallback(pl.Callback):
         if trainer.is_global_zero:
             print(f"epoch {trainer.current_epoch}: {time.perf_counter() - self.epoch_start:.1f} s, "
                   f"global step {trainer.global_step}")
+
+    def on_train_end(self, trainer, pl_module):
+        """Training usually stops mid-epoch (at --max-updates), after the last checkpoint: keep the final
+        state as last.ckpt too."""
+        trainer.save_checkpoint(self.last_ckpt)
 
     def on_fit_end(self, trainer, pl_module):
         if not trainer.is_global_zero:
@@ -206,7 +215,7 @@ def build(args):
     callbacks = [
         ModelCheckpoint(ckpt_dir, monitor="val_loss", mode="min", save_top_k=5, save_last=True, verbose=True),
         ModelCheckpoint(ckpt_dir, monitor="train_loss", mode="min", save_top_k=5, verbose=True),
-        TrainStatCallback(args.skip_steps),
+        TrainStatCallback(args.skip_steps, ckpt_dir / "last.ckpt"),
     ]
     tensorboard = TensorBoardLogger(args.exp_dir, name="lightning_logs")
     loggers = [tensorboard, CSVLogger(args.exp_dir, name="lightning_logs", version=tensorboard.version)]
@@ -214,7 +223,8 @@ def build(args):
         default_root_dir=args.exp_dir, max_steps=args.max_updates, num_nodes=args.num_nodes or default_num_nodes(),
         accelerator=accelerator, devices=devices, strategy=strategy, use_distributed_sampler=False,
         callbacks=callbacks, logger=loggers, reload_dataloaders_every_n_epochs=1,
-        check_val_every_n_epoch=args.check_val_every_n_epoch, num_sanity_val_steps=args.num_sanity_val_steps,
+        check_val_every_n_epoch=None if args.val_check_interval else args.check_val_every_n_epoch,
+        val_check_interval=args.val_check_interval, num_sanity_val_steps=args.num_sanity_val_steps,
         log_every_n_steps=args.log_every_n_steps,
     )
     module = HuBERTPreTrainModule(

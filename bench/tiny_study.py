@@ -1,0 +1,141 @@
+"""Does a CPU-scale HuBERT learn? Train ``hubert_pretrain_tiny`` (iteration 1, MFCC labels) on a synthetic
+corpus, then measure the two figures of the tiny-model study (docs/tiny_study.md):
+
+1. validation masked accuracy against the label-prior accuracy (always guessing the most frequent label);
+2. PNMI of k-means labels on each transformer layer against the MFCC labels' PNMI, both on the corpus's
+   held-out (dev-clean) speakers, which neither training nor k-means saw.
+
+    python tools/make_demo_corpus.py --out study_data --minutes 40 --train-speakers 40 --dev-speakers 8
+    python bench/tiny_study.py --corpus study_data --out exp_study/winner -- <extra train.py flags>
+
+The MFCC labels are made once per corpus (``<out>/../mfcc_<K>``) and shared by the runs.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.cluster import MiniBatchKMeans
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repo's packages
+import preprocess  # noqa: E402
+import train  # noqa: E402
+from tools.heldout_quality import heldout_quality  # noqa: E402
+from utils.checkpoint import load_pretrained_model  # noqa: E402
+from utils.common_utils import list_audio  # noqa: E402
+from utils.curves import last, metrics_csv, plot_curves, read_metrics  # noqa: E402
+from utils.feature_utils import load_audio, mfcc_extractor, read_tsv  # noqa: E402
+from utils.kmeans import predict  # noqa: E402
+from utils.label_quality import measure_arrays, read_alignments  # noqa: E402
+
+# Our CPU recipe for the tiny model (docs/tiny_study.md); flags after "--" are appended and win.
+RECIPE = ["--model-name", "hubert_pretrain_tiny", "--accelerator", "cpu", "--devices", "1", "--num-workers", "1",
+          "--log-every-n-steps", "10", "--seconds-per-batch", "16"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", type=Path, required=True, help="made by tools/make_demo_corpus.py")
+    p.add_argument("--out", type=Path, required=True, help="this run's folder")
+    p.add_argument("--num-cluster", type=int, default=100, help="k of the MFCC and the layer k-means")
+    p.add_argument("--valid-percent", type=float, default=0.05)
+    p.add_argument("--eval-only", action="store_true", help="measure an existing run in --out")
+    p.add_argument("train_flags", nargs=argparse.REMAINDER, help="-- then extra train.py flags")
+    return p.parse_args(argv)
+
+
+def mfcc_labels(corpus: Path, work: Path, k: int, valid_percent: float) -> Path:
+    preprocess.main(["--root-dir", str((corpus / "LibriSpeech").resolve()), "--exp-dir", str(work),
+                     "--feat-type", "mfcc", "--num-cluster", str(k), "--num-rank", "1",
+                     "--valid-percent", str(valid_percent)])
+    return work / "data" / "mfcc"
+
+
+def prior_accuracy(data: Path) -> float:
+    """Accuracy of always predicting the most frequent label, on the validation frames (50 Hz)."""
+    labels = np.concatenate([np.array(line.split(), dtype=np.int64)[::2]
+                             for line in (data / "label" / "label_valid.pt").read_text().splitlines()])
+    return float(np.bincount(labels).max() / len(labels))
+
+
+def layer_features(model, files):
+    """All transformer layers' outputs for each file: list over layers of list over files of (T, D)."""
+    per_layer = None
+    with torch.inference_mode():
+        for path in files:
+            layers, _ = model.wav2vec2.extract_features(load_audio(path)[None])
+            per_layer = per_layer or [[] for _ in layers]
+            for i, x in enumerate(layers):
+                per_layer[i].append(x[0])
+    return per_layer
+
+
+def quick_kmeans(feats, k: int, max_frames: int = 60000):
+    """k-means centres for a measurement: fewer restarts and passes than preprocess.py's upstream settings
+    (n_init=20, max_iter=100) and at most ``max_frames`` frames, so a layer takes seconds, not minutes.
+    A weaker fit can only lower the layers' PNMI against the MFCC labels' fully fitted one."""
+    g = torch.Generator().manual_seed(0)
+    sample = feats[torch.randperm(len(feats), generator=g)[:max_frames]].numpy()
+    km = MiniBatchKMeans(n_clusters=k, init="k-means++", n_init=3, max_iter=20, batch_size=10000,
+                         compute_labels=False, random_state=0).fit(sample)
+    return torch.as_tensor(km.cluster_centers_, dtype=torch.float32)
+
+
+def layer_pnmi(checkpoint: Path, data: Path, corpus: Path, k: int):
+    """Held-out PNMI of k-means (fitted on the training utterances' features) for every layer."""
+    model = load_pretrained_model(checkpoint).eval()
+    root, lines = read_tsv(data / "tsv" / "librispeech_train.tsv")
+    train_files = [f"{root}/{line.split(chr(9))[0]}" for line in lines]
+    dev_dir = corpus / "LibriSpeech" / "dev-clean"
+    dev_files = [dev_dir / f for f in list_audio(dev_dir)]
+    alignments = read_alignments([corpus / "alignments" / "dev-clean.tsv"])
+    train_feats, dev_feats = layer_features(model, train_files), layer_features(model, dev_files)
+    results = []
+    for layer, (tr, dv) in enumerate(zip(train_feats, dev_feats), start=1):
+        centers = quick_kmeans(torch.cat(tr), k)
+        labels = [predict(x, centers).numpy() for x in dv]
+        quality = measure_arrays([f.stem for f in dev_files], [len(load_audio(f)) for f in dev_files], labels,
+                                 alignments, label_rate=50, source=dev_dir)
+        results.append({"layer": layer, "pnmi": quality.pnmi, "phone_purity": quality.phone_purity,
+                        "cluster_purity": quality.cluster_purity})
+        print(f"layer {layer}: held-out PNMI {quality.pnmi:.3f}", flush=True)
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    extra = [f for f in args.train_flags if f != "--"]
+    data = mfcc_labels(args.corpus, args.out.parent / f"mfcc_{args.num_cluster}", args.num_cluster,
+                       args.valid_percent)
+    start = time.perf_counter()
+    if not args.eval_only:
+        train.main(["--dataset-path", str(data), "--exp-dir", str(args.out), "--feature-type", "mfcc",
+                    "--num-classes", str(args.num_cluster), *RECIPE, *extra])
+    minutes = (time.perf_counter() - start) / 60
+    series = read_metrics(metrics_csv(args.out))
+    plot_curves({args.out.name: series}, args.out / "curves.png", title=f"tiny HuBERT, {args.out.name}")
+    mfcc = heldout_quality(data, args.corpus / "LibriSpeech" / "dev-clean",
+                           [args.corpus / "alignments" / "dev-clean.tsv"], mfcc_extractor())
+    checkpoint = args.out / "checkpoints_librispeech_hubert_pretrain_tiny" / "last.ckpt"
+    layers = layer_pnmi(checkpoint, data, args.corpus, args.num_cluster)
+    best = max(layers, key=lambda r: r["pnmi"])
+    result = {
+        "flags": extra, "train_minutes": minutes, "updates": int(series["lr"][-1][0]) + 1 if "lr" in series else 0,
+        "val_masked_accuracy": last(series, "val_masked_accuracy"), "prior_accuracy": prior_accuracy(data),
+        "val_loss": last(series, "val_loss"), "mfcc_pnmi": mfcc.pnmi, "layers": layers, "best_layer": best,
+    }
+    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    ratio = result["val_masked_accuracy"] / result["prior_accuracy"]
+    print(f"\n{args.out.name}: {result['updates']} updates in {minutes:.1f} min")
+    print(f"{'figure':<44}{'value':>8}{'goal':>16}")
+    print(f"{'val masked accuracy / label-prior accuracy':<44}{ratio:>8.2f}{'>= 3':>16}")
+    print(f"{'held-out PNMI, best layer (' + str(best['layer']) + ')':<44}{best['pnmi']:>8.3f}"
+          f"{'> MFCC ' + format(mfcc.pnmi, '.3f'):>16}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

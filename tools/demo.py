@@ -1,0 +1,93 @@
+"""The whole recipe on the embedded demo corpus, on CPU, in a few minutes (`make demo`).
+
+MFCC labels -> iteration 1 -> labels from an iteration-1 layer -> iteration 2, with the tiny model and
+our CPU recipe (docs/tiny_study.md). Ends with a table (per iteration: masked accuracy, label PNMI against
+the demo's phone alignments, where checkpoints and logs are) and a PNG of the loss and accuracy curves.
+
+    python tools/demo.py [--out exp_demo] [--corpus demo_data]
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from anywhere: the repo's packages
+import preprocess  # noqa: E402
+import train  # noqa: E402
+from tools.heldout_quality import heldout_quality  # noqa: E402
+from utils.curves import last, metrics_csv, plot_curves, read_metrics  # noqa: E402
+from utils.feature_utils import hubert_extractor, mfcc_extractor  # noqa: E402
+from utils.label_quality import measure  # noqa: E402
+
+# Our CPU recipe for hubert_pretrain_tiny (docs/tiny_study.md); the upstream Base defaults stay untouched.
+TINY_RECIPE = ["--model-name", "hubert_pretrain_tiny", "--accelerator", "cpu", "--devices", "1",
+               "--num-workers", "1", "--log-every-n-steps", "5", "--seconds-per-batch", "16"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=REPO / "exp_demo", help="everything the demo writes")
+    p.add_argument("--corpus", type=Path, default=REPO / "demo_data", help="made by tools/make_demo_corpus.py")
+    p.add_argument("--updates", type=int, nargs=2, default=(250, 250), metavar=("ITER1", "ITER2"),
+                   help="optimizer updates of each iteration")
+    p.add_argument("--num-cluster", type=int, default=100, help="k of both k-means")
+    p.add_argument("--layer-index", type=int, default=4, help="iteration-1 layer that makes iteration 2's labels")
+    return p.parse_args(argv)
+
+
+def make_labels(args, exp: Path, checkpoint=None) -> Path:
+    feat = ["--feat-type", "mfcc"] if checkpoint is None else [
+        "--feat-type", "hubert", "--layer-index", str(args.layer_index), "--checkpoint-path", str(checkpoint)]
+    preprocess.main(["--root-dir", str((args.corpus / "LibriSpeech").resolve()), "--exp-dir", str(exp),
+                     "--num-cluster", str(args.num_cluster), "--num-rank", "1", "--valid-percent", "0.1", *feat])
+    return exp / "data" / ("mfcc" if checkpoint is None else f"hubert_{args.layer_index}")
+
+
+def pretrain(args, data: Path, exp: Path, feature_type: str, updates: int) -> Path:
+    train.main(["--dataset-path", str(data), "--exp-dir", str(exp), "--feature-type", feature_type,
+                "--num-classes", str(args.num_cluster), "--max-updates", str(updates),
+                "--warmup-updates", str(max(1, updates // 10)), "--val-check-interval", str(max(1, updates // 5)),
+                *TINY_RECIPE])
+    return exp / "checkpoints_librispeech_hubert_pretrain_tiny" / "last.ckpt"
+
+
+def label_pnmi(args, data: Path, extractor):
+    """PNMI of the training labels, and of the same k-means on the held-out (dev-clean) speakers."""
+    alignments = sorted((args.corpus / "alignments").glob("*.tsv"))
+    seen = measure(data / "tsv" / "librispeech_train.tsv", data / "label" / "label_train.pt", alignments)
+    unseen = heldout_quality(data, args.corpus / "LibriSpeech" / "dev-clean",
+                             [args.corpus / "alignments" / "dev-clean.tsv"], extractor)
+    return seen.pnmi, unseen.pnmi
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.perf_counter()
+    labels1 = make_labels(args, args.out)
+    ckpt1 = pretrain(args, labels1, args.out / "iter1", "mfcc", args.updates[0])
+    labels2 = make_labels(args, args.out, checkpoint=ckpt1)
+    ckpt2 = pretrain(args, labels2, args.out / "iter2", "hubert", args.updates[1])
+
+    rows = []
+    for name, exp, data, labels, extractor in (
+            ("iteration 1", args.out / "iter1", labels1, "MFCC k-means", mfcc_extractor()),
+            ("iteration 2", args.out / "iter2", labels2, f"iter-1 layer {args.layer_index} k-means",
+             hubert_extractor(ckpt1, args.layer_index, "cpu"))):
+        series = read_metrics(metrics_csv(exp))
+        rows.append((name, labels, *label_pnmi(args, data, extractor), last(series, "val_masked_accuracy"),
+                     exp / "checkpoints_librispeech_hubert_pretrain_tiny", exp / "lightning_logs", series))
+    png = plot_curves({r[0]: r[-1] for r in rows}, args.out / "curves.png", title="demo: tiny HuBERT, 2 iterations")
+
+    print(f"\nHuBERT demo done in {(time.perf_counter() - start) / 60:.1f} min")
+    print(f"{'':<12} {'labels':<24} {'PNMI train':>10} {'PNMI held-out':>13} {'val masked acc':>14}")
+    for name, labels, pnmi_seen, pnmi_unseen, acc, *_ in rows:
+        print(f"{name:<12} {labels:<24} {pnmi_seen:>10.3f} {pnmi_unseen:>13.3f} {acc:>14.3f}")
+    for name, *_, ckpts, logs, _ in rows:
+        print(f"{name}: checkpoints {ckpts}, logs {logs}")
+    print(f"curves: {png}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
