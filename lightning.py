@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from dataset import (BucketizeBatchSampler, CollateFnHubert, DistributedBatchSampler, HuBERTDataSet, format_stats,
                      loader_stats)
 from loss import compute_accuracy, compute_accuracy_static, hubert_loss, hubert_loss_static
-from model import FACTORIES, convert_conv_layout, convert_optimizer_state
+from model import FACTORIES, convert_conv_layout, convert_optimizer_state, hubert_pretrain_model
 from utils.device import clip_grad_norm, make_optimizer
 from utils.lr_schedule import LinearDecayLRScheduler
 
@@ -43,7 +43,8 @@ class HuBERTPreTrainModule(pl.LightningModule):
                  show_traindataloader_stats: bool = False, no_layerdrop: bool = False, use_fused_clip: bool = False,
                  use_max_sub_softmax_opt: bool = False, recompilation_optimization: bool = False,
                  split_logits: bool = False, optimizer_str: str = "adamw", use_autocast: bool = False,
-                 save_1d_ckpt: bool = False, num_workers: int = 10, seed: int = 1337):
+                 save_1d_ckpt: bool = False, num_workers: int = 10, seed: int = 1337,
+                 loss_weights: Tuple[float, float, float] = (1.0, 0.0, 10.0), model_args: Optional[dict] = None):
         super().__init__()
         self.save_hyperparameters()
         flags = dict(use_conv2d=use_conv2d, use_instancenorm=use_instancenorm, static_indexing=static_indexing,
@@ -54,6 +55,10 @@ class HuBERTPreTrainModule(pl.LightningModule):
         if model_name in ("hubert_pretrain_base", "hubert_pretrain_tiny"):
             flags["feature_grad_mult"] = feature_grad_mult  # Large and X-Large keep theirs (None), as upstream
         self.model = FACTORIES[model_name](num_classes=num_classes, **flags)
+        if model_args:  # any hubert_pretrain_model argument, over the factory's
+            self.model = hubert_pretrain_model(**{**self.model.config, **model_args})
+        masked, unmasked, feature = loss_weights
+        self.loss_weights = dict(masked_weight=masked, unmasked_weight=unmasked, feature_weight=feature)
         self.automatic_optimization = False
         self.static = static_logit_generator
         self.stats = {"train": torch.zeros(len(STATS)), "val": torch.zeros(len(STATS))}
@@ -75,13 +80,13 @@ class HuBERTPreTrainModule(pl.LightningModule):
             out = self.model(waveforms, labels, lengths)
             if self.static:
                 logits, mask_m, mask_u, pen = out
-                loss = hubert_loss_static(logits, mask_m, mask_u, pen)
+                loss = hubert_loss_static(logits, mask_m, mask_u, pen, **self.loss_weights)
                 with torch.no_grad():
                     correct_m, count_m = compute_accuracy_static(logits, mask_m)
                     correct_u, count_u = compute_accuracy_static(logits, mask_u)
             else:
                 logit_m, logit_u, pen = out
-                loss = hubert_loss(logit_m, logit_u, pen)
+                loss = hubert_loss(logit_m, logit_u, pen, **self.loss_weights)
                 with torch.no_grad():
                     correct_m, count_m = compute_accuracy(logit_m)
                     correct_u, count_u = compute_accuracy(logit_u)

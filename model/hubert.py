@@ -159,10 +159,13 @@ def hubert_pretrain_model(
     recompilation_optimization: bool = False,
     no_layerdrop: bool = False,
     all_deterministic: bool = False,
+    label_embedding_init: str = "uniform",
 ) -> HuBERTPretrainModel:
     """Builds a HuBERTPretrainModel from torchaudio's arguments plus the Habana flags.
 
     ``no_layerdrop`` sets layer drop to 0 and ``all_deterministic`` sets every dropout to 0.
+    ``label_embedding_init="normal"`` starts the label embeddings zero-mean (upstream: uniform [0, 1),
+    so all classes start nearly parallel).
     ``use_max_sub_softmax_opt`` is accepted for Habana CLI parity: attention is SDPA, whose fused softmax
     already does the max subtraction on every device.
     """
@@ -199,7 +202,7 @@ def hubert_pretrain_model(
         no_mask_channel_overlap, mask_channel_min_space, static_indexing,
     )
     logit_generator = LogitGenerator(encoder_embed_dim, num_classes, final_dim, skip_masked, skip_nomask,
-                                     split_logits)
+                                     split_logits, label_embedding_init)
     model = HuBERTPretrainModel(Wav2Vec2Model(feature_extractor, encoder), mask_generator, logit_generator,
                                 feature_grad_mult, static_logit_generator)
     model.apply(_init_hubert_pretrain_model)

@@ -42,17 +42,22 @@ def compute_logits(proj_x: Tensor, target: Tensor, label_embeddings: Tensor, spl
 
 
 class LogitGenerator(nn.Module):
-    """Final projection and label embeddings (uniform [0, 1) init, as upstream).
+    """Final projection and label embeddings (uniform [0, 1) init as upstream, or standard normal).
 
     ``forward`` selects the masked and unmasked frames by boolean indexing (data-dependent shapes);
     ``all_frames`` scores every frame so that the masks select later and every shape is fixed.
     """
 
     def __init__(self, encoder_embed_dim: int, num_classes: int, final_dim: int, skip_masked: bool,
-                 skip_nomask: bool, split_logits: bool = False):
+                 skip_nomask: bool, split_logits: bool = False, label_embedding_init: str = "uniform"):
         super().__init__()
         self.label_embeddings = nn.Parameter(torch.empty(num_classes, final_dim))
-        nn.init.uniform_(self.label_embeddings)
+        if label_embedding_init == "uniform":
+            nn.init.uniform_(self.label_embeddings)
+        elif label_embedding_init == "normal":  # zero-mean: classes start nearly orthogonal, not parallel
+            nn.init.normal_(self.label_embeddings)
+        else:
+            raise ValueError(f"label_embedding_init must be 'uniform' or 'normal', got {label_embedding_init!r}")
         self.final_proj = nn.Linear(encoder_embed_dim, final_dim)
         self.skip_masked = skip_masked
         self.skip_nomask = skip_nomask

@@ -127,3 +127,17 @@ def test_betas_parse():
     assert train.parse_betas("0.8,0.9") == (0.8, 0.9)
     with pytest.raises(Exception, match="two floats"):
         train.parse_betas("0.9")
+
+
+def test_model_args_and_loss_weights_reach_the_model(tmp_path):
+    data = make_prepared_dataset(tmp_path / "d", n_train=3, n_valid=1)
+    args = train.parse_args(args_for(data, tmp_path / "exp", "--max-updates", "2", "--warmup-updates", "1",
+                                     "--seconds-per-batch", "16", "--unmasked-weight", "0.5", "--feature-weight", "0",
+                                     "--model-arg", "encoder_layer_norm_first=True",
+                                     "--model-arg", "label_embedding_init=normal"))
+    _, module = train.build(args)
+    assert module.model.config["encoder_layer_norm_first"] is True
+    assert module.model.logit_generator.label_embeddings.min() < 0  # normal, not uniform [0, 1)
+    assert module.loss_weights == dict(masked_weight=1.0, unmasked_weight=0.5, feature_weight=0.0)
+    assert train.parse_model_arg("extractor_conv_layer_config=[(64,10,5)]") == (
+        "extractor_conv_layer_config", [(64, 10, 5)])
