@@ -18,8 +18,9 @@ espeak:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq espeak-ng >/dev/null; }
 
+# PASSIVE: idle OpenMP threads sleep instead of spinning (sklearn/faiss slow down badly on a busy machine).
 test: $(VENV)/.installed espeak
-	$(PY) -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
 
 demo: $(VENV)/.installed
 	$(PY) tools/demo.py
