@@ -1,0 +1,51 @@
+"""The bench scripts run end to end at tiny sizes and print their tables (a few seconds each)."""
+import pytest
+import torch
+
+from bench import data_path, flops, recompiles, train_step
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_flops_reproduce_the_field_notes():
+    """HuBERT Base at T=500 with 500 classes: 14.9 GFLOP forward, 44.6 training per audio second; CNN 33 %."""
+    config = flops.arch_config("base", num_classes=500)
+    n = flops.samples_for_frames(500)
+    assert flops.conv_lengths(n, config["extractor_conv_layer_config"] or flops.HUBERT_CONV)[-1] == 500
+    assert flops.flops_per_audio_second(config, n) / 1e9 == pytest.approx(44.6, abs=0.1)
+    assert flops.flops_per_audio_second(config, n, training=False) / 1e9 == pytest.approx(14.9, abs=0.05)
+    macs = flops.forward_macs(config, n)
+    assert macs["cnn"] / sum(macs.values()) == pytest.approx(0.330, abs=0.002)
+
+
+def test_train_step_prints_every_variant(capsys):
+    results = train_step.main(["--quick", "--threads", "1", "--compile-backend", "eager", "--peak-tflops", "1"])
+    assert list(results) == ["torchaudio", "ours default", "ours habana flags", "ours habana + compile"]
+    assert results["torchaudio"]["ratio"] == 1.0
+    assert all(r["audio_per_s"] > 0 and 0 < r["mfu"] < 1 for r in results.values())
+    assert "MFU" in capsys.readouterr().out
+
+
+def test_recompiles_counts_new_shapes(capsys):
+    rows = recompiles.main(["--quick", "--max-steps", "2", "--cases", "static-none", "--dynamic", "False"])
+    (label, steps, shapes, lens, graphs, recomp, *_), = rows
+    assert label == "static-none dynamic=False" and steps == 2
+    assert shapes == lens == 2 and graphs > 0 and recomp > 0  # crop to shortest: every batch a new shape
+    assert "recompiles by function" in capsys.readouterr().out
+
+
+def test_data_path_sections(capsys):
+    results = data_path.main(["--quick", "--workers", "0"])
+    assert {row[2] for row in results["padding"]} == {"none", "bucket1", "bucket2"}
+    for _, _, align, stats in results["padding"]:
+        assert (stats.padding_fraction > 0) == (align != "none")
+        assert (stats.cropped_fraction > 0) == (align == "none")
+    assert [(a, w) for a, w, _ in results["loader"]] == [("none", 0), ("bucket1", 0)]
+    assert all(r["batches"] > 0 and r["audio"] > 0 for _, _, r in results["loader"])
+    assert results["preprocess"]["audio"] > 0 and len(results["preprocess"]["predict"]) == 2
+    assert "k-means predict" in capsys.readouterr().out
