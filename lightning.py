@@ -44,7 +44,8 @@ class HuBERTPreTrainModule(pl.LightningModule):
                  use_max_sub_softmax_opt: bool = False, recompilation_optimization: bool = False,
                  split_logits: bool = False, optimizer_str: str = "adamw", use_autocast: bool = False,
                  save_1d_ckpt: bool = False, num_workers: int = 10, seed: int = 1337,
-                 loss_weights: Tuple[float, float, float] = (1.0, 0.0, 10.0), model_args: Optional[dict] = None):
+                 loss_weights: Tuple[float, float, float] = (1.0, 0.0, 10.0), model_args: Optional[dict] = None,
+                 use_compile: bool = False):
         super().__init__()
         self.save_hyperparameters()
         flags = dict(use_conv2d=use_conv2d, use_instancenorm=use_instancenorm, static_indexing=static_indexing,
@@ -57,6 +58,11 @@ class HuBERTPreTrainModule(pl.LightningModule):
         self.model = FACTORIES[model_name](num_classes=num_classes, **flags)
         if model_args:  # any hubert_pretrain_model argument, over the factory's
             self.model = hubert_pretrain_model(**{**self.model.config, **model_args})
+        # torch.compile'd forward, kept out of the module tree so checkpoints keep the plain parameter names.
+        # Every bucket shape compiles once; torch's default limit (8) would send the rest back to eager.
+        if use_compile:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        object.__setattr__(self, "_forward", torch.compile(self.model) if use_compile else self.model)
         masked, unmasked, feature = loss_weights
         self.loss_weights = dict(masked_weight=masked, unmasked_weight=unmasked, feature_weight=feature)
         self.automatic_optimization = False
@@ -77,7 +83,7 @@ class HuBERTPreTrainModule(pl.LightningModule):
         """Loss (summed over masked frames) and this batch's row of STATS."""
         waveforms, labels, lengths = batch
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.hparams.use_autocast):
-            out = self.model(waveforms, labels, lengths)
+            out = self._forward(waveforms, labels, lengths)
             if self.static:
                 logits, mask_m, mask_u, pen = out
                 loss = hubert_loss_static(logits, mask_m, mask_u, pen, **self.loss_weights)

@@ -103,6 +103,7 @@ def parse_args(argv=None):
     a("--autocast-bf16", default="ops_bf16_hubert.txt", help="HPU bf16 op list, relative to this script")
     a("--autocast-fp32", default="ops_fp32_hubert.txt", help="HPU fp32 op list, relative to this script")
     a("--num-workers", type=int, default=10, help="data loader worker processes per device")
+    a("--compile", action="store_true", help="torch.compile the model (pair with --all-static --align-buckets bucket1)")
     a("--seed", type=int, default=1337)
     a("--masked-weight", type=float, default=1.0, help="loss weight of the masked frames")
     a("--unmasked-weight", type=float, default=0.0, help="loss weight of the unmasked frames")
@@ -243,7 +244,7 @@ def build(args):
         optimizer_str=args.optimizer, use_autocast=args.use_autocast, save_1d_ckpt=args.save_1d_ckpt,
         num_workers=args.num_workers, seed=args.seed,
         loss_weights=(args.masked_weight, args.unmasked_weight, args.feature_weight),
-        model_args=dict(args.model_arg),
+        model_args=dict(args.model_arg), use_compile=args.compile,
     )
     return trainer, module
 

@@ -22,6 +22,7 @@ def _span_lengths(mask_type: str, num_mask: int, mask_length: int, mask_other: f
     raise ValueError(f"unknown mask selection: {mask_type!r}")
 
 
+@torch.compiler.disable  # a per-row loop over random counts: compiled, it would recompile for each count
 def compute_mask_indices(
     shape: Tuple[int, int],
     padding_mask: Optional[Tensor],

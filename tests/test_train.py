@@ -141,3 +141,12 @@ def test_model_args_and_loss_weights_reach_the_model(tmp_path):
     assert module.loss_weights == dict(masked_weight=1.0, unmasked_weight=0.5, feature_weight=0.0)
     assert train.parse_model_arg("extractor_conv_layer_config=[(64,10,5)]") == (
         "extractor_conv_layer_config", [(64, 10, 5)])
+
+
+def test_compile_keeps_checkpoint_names_plain(tmp_path):
+    data = make_prepared_dataset(tmp_path / "d", n_train=3, n_valid=1)
+    _, module = train.build(train.parse_args(args_for(data, tmp_path / "exp", "--compile", "--max-updates", "2",
+                                                      "--warmup-updates", "1", "--seconds-per-batch", "16")))
+    assert isinstance(module._forward, torch._dynamo.eval_frame.OptimizedModule)
+    assert torch._dynamo.config.recompile_limit >= 64
+    assert all(key.startswith("model.") and "_orig_mod" not in key for key in module.state_dict())
