@@ -65,6 +65,10 @@ class CompileCounter:
         if m:
             self.eager[f"{m[1]} {Path(m[2]).parent.name}/{Path(m[2]).name}:{m[3]}"] += 1
 
+    def __deepcopy__(self, memo):
+        """Shared, not copied: once Lightning is imported, its patched torch.compile deep-copies the kwargs."""
+        return self
+
     def backend(self, gm, example_inputs):
         self.graphs += 1
         return self.inner(gm, example_inputs)

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.cluster import MiniBatchKMeans
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repo's packages
 import preprocess  # noqa: E402
@@ -28,7 +27,7 @@ from utils.checkpoint import load_pretrained_model  # noqa: E402
 from utils.common_utils import list_audio  # noqa: E402
 from utils.curves import last, metrics_csv, plot_curves, read_metrics  # noqa: E402
 from utils.feature_utils import load_audio, mfcc_extractor, read_tsv  # noqa: E402
-from utils.kmeans import predict  # noqa: E402
+from utils.kmeans import fit_kmeans, predict  # noqa: E402
 from utils.label_quality import measure_arrays, read_alignments  # noqa: E402
 
 # Our CPU recipe for the tiny model (docs/tiny_study.md); flags after "--" are appended and win.
@@ -73,17 +72,6 @@ def layer_features(model, files):
     return per_layer
 
 
-def quick_kmeans(feats, k: int, max_frames: int = 60000):
-    """k-means centres for a measurement: fewer restarts and passes than preprocess.py's upstream settings
-    (n_init=20, max_iter=100) and at most ``max_frames`` frames, so a layer takes seconds, not minutes.
-    A weaker fit can only lower the layers' PNMI against the MFCC labels' fully fitted one."""
-    g = torch.Generator().manual_seed(0)
-    sample = feats[torch.randperm(len(feats), generator=g)[:max_frames]].numpy()
-    km = MiniBatchKMeans(n_clusters=k, init="k-means++", n_init=3, max_iter=20, batch_size=10000,
-                         compute_labels=False, random_state=0).fit(sample)
-    return torch.as_tensor(km.cluster_centers_, dtype=torch.float32)
-
-
 def layer_pnmi(checkpoint: Path, data: Path, corpus: Path, k: int):
     """Held-out PNMI of k-means (fitted on the training utterances' features) for every layer."""
     model = load_pretrained_model(checkpoint).eval()
@@ -95,7 +83,9 @@ def layer_pnmi(checkpoint: Path, data: Path, corpus: Path, k: int):
     train_feats, dev_feats = layer_features(model, train_files), layer_features(model, dev_files)
     results = []
     for layer, (tr, dv) in enumerate(zip(train_feats, dev_feats), start=1):
-        centers = quick_kmeans(torch.cat(tr), k)
+        # The MFCC labels' k-means: upstream's MiniBatchKMeans settings on every training frame.
+        km = fit_kmeans(torch.cat(tr).numpy(), k, seed=0)
+        centers = torch.as_tensor(km.cluster_centers_, dtype=torch.float32)
         labels = [predict(x, centers).numpy() for x in dv]
         quality = measure_arrays([f.stem for f in dev_files], [len(load_audio(f)) for f in dev_files], labels,
                                  alignments, label_rate=50, source=dev_dir)
