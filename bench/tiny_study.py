@@ -28,7 +28,7 @@ from utils.common_utils import list_audio  # noqa: E402
 from utils.curves import last, metrics_csv, plot_curves, read_metrics  # noqa: E402
 from utils.feature_utils import load_audio, mfcc_extractor, read_tsv  # noqa: E402
 from utils.kmeans import fit_kmeans, predict  # noqa: E402
-from utils.label_quality import measure_arrays, read_alignments  # noqa: E402
+from utils.label_quality import measure_arrays, prior_accuracy, read_alignments  # noqa: E402
 
 # Our CPU recipe for the tiny model (docs/tiny_study.md); flags after "--" are appended and win.
 RECIPE = ["--model-name", "hubert_pretrain_tiny", "--accelerator", "cpu", "--devices", "1", "--num-workers", "1",
@@ -51,13 +51,6 @@ def mfcc_labels(corpus: Path, work: Path, k: int, valid_percent: float) -> Path:
                      "--feat-type", "mfcc", "--num-cluster", str(k), "--num-rank", "1",
                      "--valid-percent", str(valid_percent)])
     return work / "data" / "mfcc"
-
-
-def prior_accuracy(data: Path) -> float:
-    """Accuracy of always predicting the most frequent label, on the validation frames (50 Hz)."""
-    labels = np.concatenate([np.array(line.split(), dtype=np.int64)[::2]
-                             for line in (data / "label" / "label_valid.pt").read_text().splitlines()])
-    return float(np.bincount(labels).max() / len(labels))
 
 
 def layer_features(model, files):
@@ -114,7 +107,8 @@ def main(argv=None):
     best = max(layers, key=lambda r: r["pnmi"])
     result = {
         "flags": extra, "train_minutes": minutes, "updates": int(series["lr"][-1][0]) + 1 if "lr" in series else 0,
-        "val_masked_accuracy": last(series, "val_masked_accuracy"), "prior_accuracy": prior_accuracy(data),
+        "val_masked_accuracy": last(series, "val_masked_accuracy"),
+        "prior_accuracy": prior_accuracy(data / "label" / "label_valid.pt", "mfcc"),
         "val_loss": last(series, "val_loss"), "mfcc_pnmi": mfcc.pnmi, "layers": layers, "best_layer": best,
     }
     (args.out / "results.json").write_text(json.dumps(result, indent=2))

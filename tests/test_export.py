@@ -25,8 +25,11 @@ LENGTHS = torch.tensor([16000, 11000])
 def build(arch: str, conv2d: bool, **overrides):
     """A model whose every parameter is random (an identity LayerNorm would hide a swapped mapping)."""
     flags = dict(use_conv2d=True, use_instancenorm=True) if conv2d else {}
-    if arch == "tiny":
+    if arch == "tiny":  # group-norm extractor, pre-LN
         model = hubert_pretrain_tiny(**flags, **overrides)
+    elif arch == "post_ln":  # Base's layout: group-norm extractor, post-LN
+        model = hubert_pretrain_model(**{**hubert_pretrain_tiny().config, "encoder_layer_norm_first": False,
+                                         **flags, **overrides})
     else:
         model = hubert_pretrain_model(**{**PRE_LN, **overrides}, **flags)
     torch.manual_seed(1)
@@ -53,11 +56,12 @@ def padded_batch():
 def assert_layers_close(ours, theirs):
     assert len(ours) == len(theirs)
     for i, (a, b) in enumerate(zip(ours, theirs)):
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=0, msg=lambda m: f"layer {i + 1}: {m}")
+        # fp32 rounding (instance norm vs GroupNorm, then a pre-LN residual that grows): ~1e-5 seen.
+        torch.testing.assert_close(b, a, atol=3e-5, rtol=1e-4, msg=lambda m: f"layer {i + 1}: {m}")
 
 
 @pytest.mark.parametrize("conv2d", [False, True], ids=["conv1d", "conv2d"])
-@pytest.mark.parametrize("arch", ["tiny", "pre_ln"])
+@pytest.mark.parametrize("arch", ["tiny", "post_ln", "pre_ln"])
 def test_exports_match_ours_in_every_layer(tmp_path, arch, conv2d, capsys):
     source = build(arch, conv2d)
     ckpt = save_lightning(source, tmp_path / "epoch=0-step=7.ckpt")
@@ -75,7 +79,7 @@ def test_exports_match_ours_in_every_layer(tmp_path, arch, conv2d, capsys):
     hf_model, info = HubertModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not any(info.values()), info
     hf_model.eval()
-    assert hf_model.config.do_stable_layer_norm == (arch == "pre_ln")
+    assert hf_model.config.do_stable_layer_norm == (arch != "post_ln")
     assert hf_model.config.feat_extract_norm == ("layer" if arch == "pre_ln" else "group")
 
     waveforms, attention_mask = padded_batch()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from utils.label_quality import joint_counts, measure, purity_and_pnmi
+from utils.label_quality import joint_counts, measure, prior_accuracy, purity_and_pnmi
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,3 +168,10 @@ def test_cli_prints_a_table_and_json(tmp_path):
     assert table[1].split()[5] == "1.000"
     bad = subprocess.run(cmd[:-1] + [str(tmp_path / "missing.tsv")], capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode != 0 and "missing.tsv" in bad.stderr
+
+
+def test_prior_accuracy_counts_the_frames_training_scores(tmp_path):
+    labels = tmp_path / "label_valid.pt"
+    labels.write_text("0 1 0 1 0 2\n3 3\n")
+    assert prior_accuracy(labels, "mfcc") == 3 / 4  # 100 Hz: every other label -> 0 0 0 3
+    assert prior_accuracy(labels, "hubert") == 3 / 8

@@ -42,7 +42,7 @@ def test_overfitting_one_utterance_lowers_the_loss(tmp_path):
     (the entropy of its label distribution), i.e. the model uses the audio and the context."""
     data = make_prepared_dataset(tmp_path / "one", n_train=1, n_valid=1, seconds=(3.0, 3.0))
     train.main(args_for(data, tmp_path / "exp", "--max-updates", "40", "--warmup-updates", "3",
-                        "--learning-rate", "0.002", "--all-deterministic", "--no-layerdrop",
+                        "--learning-rate", "0.002", "--feature-weight", "0", "--all-deterministic", "--no-layerdrop",
                         "--seconds-per-batch", "16"))
     losses = [float(r["train_loss_step"]) for r in metrics(tmp_path / "exp") if r["train_loss_step"]]
     assert len(losses) == 40
@@ -133,11 +133,11 @@ def test_model_args_and_loss_weights_reach_the_model(tmp_path):
     data = make_prepared_dataset(tmp_path / "d", n_train=3, n_valid=1)
     args = train.parse_args(args_for(data, tmp_path / "exp", "--max-updates", "2", "--warmup-updates", "1",
                                      "--seconds-per-batch", "16", "--unmasked-weight", "0.5", "--feature-weight", "0",
-                                     "--model-arg", "encoder_layer_norm_first=True",
-                                     "--model-arg", "label_embedding_init=normal"))
+                                     "--model-arg", "encoder_layer_norm_first=False",
+                                     "--model-arg", "label_embedding_init=uniform"))
     _, module = train.build(args)
-    assert module.model.config["encoder_layer_norm_first"] is True
-    assert module.model.logit_generator.label_embeddings.min() < 0  # normal, not uniform [0, 1)
+    assert module.model.config["encoder_layer_norm_first"] is False  # the tiny model's default is pre-LN
+    assert module.model.logit_generator.label_embeddings.min() >= 0  # uniform [0, 1), not tiny's normal
     assert module.loss_weights == dict(masked_weight=1.0, unmasked_weight=0.5, feature_weight=0.0)
     assert train.parse_model_arg("extractor_conv_layer_config=[(64,10,5)]") == (
         "extractor_conv_layer_config", [(64, 10, 5)])

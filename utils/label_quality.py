@@ -175,3 +175,12 @@ def measure_arrays(ids, num_samples, labels, alignments, label_rate=None, source
                         num_phones=len(phone_names), num_clusters=len(label_names),
                         phone_purity=phone_purity, cluster_purity=cluster_purity, pnmi=pnmi,
                         h_phone=h_phone, h_label=h_label)
+
+
+def prior_accuracy(label_path, feature_type: str) -> float:
+    """Accuracy of always guessing the most frequent label, on the frames training scores (50 Hz: MFCC
+    labels are 100 Hz and train.py keeps every other one): the floor a model's masked accuracy must beat."""
+    step = 2 if feature_type == "mfcc" else 1
+    labels = np.concatenate([np.array(line.split(), dtype=np.int64)[::step]
+                             for line in Path(label_path).read_text().splitlines()])
+    return float(np.bincount(labels).max() / len(labels))
