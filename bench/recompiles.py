@@ -208,7 +208,7 @@ def print_report(args, rows, details):
     print("shapes: distinct (batch, samples); lens: distinct sample counts; graphs: graphs compiled; recomp: "
           "recompilations of any function; fwd: of the model's forward (shape-driven); @seen: steps that "
           "compiled at a shape already seen; c.steps: steps that compiled anything; max/fn: most recompiles of "
-          f"one function; eager: frames Dynamo runs eagerly; ms/step: median of steps that did not compile")
+          "one function; eager: frames Dynamo runs eagerly; ms/step: median of steps that did not compile")
     for label, per_fn, breaks, eager in details:
         print(f"\n{label}: recompiles by function: " + ", ".join(f"{k} x{v}" for k, v in per_fn.most_common(6)))
         over = [k for k, v in per_fn.items() if v >= DEFAULT_RECOMPILE_LIMIT]

@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repo's packages
@@ -106,8 +105,9 @@ def main(argv=None):
     checkpoint = args.out / "checkpoints_librispeech_hubert_pretrain_tiny" / "last.ckpt"
     layers = layer_pnmi(checkpoint, data, args.corpus, args.num_cluster)
     best = max(layers, key=lambda r: r["pnmi"])
+    updates = max((step for points in series.values() for step, _ in points), default=-1) + 1
     result = {
-        "flags": extra, "train_minutes": minutes, "updates": int(series["lr"][-1][0]) + 1 if "lr" in series else 0,
+        "flags": extra, "train_minutes": minutes, "updates": updates,
         "val_masked_accuracy": last(series, "val_masked_accuracy"),
         "prior_accuracy": prior_accuracy(data / "label" / "label_valid.pt", "mfcc"),
         "val_loss": last(series, "val_loss"), "mfcc_pnmi": mfcc.pnmi, "layers": layers, "best_layer": best,

@@ -25,7 +25,6 @@ def make_prepared_dataset(root: Path, n_train: int = 12, n_valid: int = 3, featu
             # "Phones": a class held for 8-24 frames (160-480 ms), so masked spans are predictable.
             runs = rng.integers(8, 25, frames)
             classes = np.repeat(rng.integers(0, num_classes, frames), runs)[:frames]
-            t = np.arange(num_samples) / 16000
             freq = 200.0 + 150.0 * np.repeat(classes, 320)[:num_samples]
             freq = np.pad(freq, (0, num_samples - len(freq)), mode="edge")
             wave = 0.3 * np.sin(2 * np.pi * np.cumsum(freq) / 16000) + 0.05 * rng.standard_normal(num_samples)

@@ -1,8 +1,12 @@
 """The bench scripts run end to end at tiny sizes and print their tables (a few seconds each)."""
+from pathlib import Path
+
 import pytest
 import torch
 
-from bench import data_path, flops, recompiles, train_step
+from bench import data_path, flops, recompiles, tiny_study, train_step
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -49,3 +53,15 @@ def test_data_path_sections(capsys):
     assert all(r["batches"] > 0 and r["audio"] > 0 for _, _, r in results["loader"])
     assert results["preprocess"]["audio"] > 0 and len(results["preprocess"]["predict"]) == 2
     assert "k-means predict" in capsys.readouterr().out
+
+
+def test_tiny_study_prints_both_figures(tmp_path, capsys):
+    result = tiny_study.main(["--corpus", str(REPO / "demo_data"), "--out", str(tmp_path / "run"),
+                              "--num-cluster", "20", "--", "--max-updates", "3", "--warmup-updates", "1",
+                              "--val-check-interval", "3"])
+    out = capsys.readouterr().out
+    assert "val masked accuracy / label-prior accuracy" in out and "held-out PNMI, best layer" in out
+    assert result["updates"] == 3 and len(result["layers"]) == 6
+    assert 0 < result["prior_accuracy"] < 1 and 0 < result["mfcc_pnmi"] < 1
+    assert all(0 < r["pnmi"] < 1 for r in result["layers"])
+    assert (tmp_path / "run" / "results.json").is_file() and (tmp_path / "run" / "curves.png").is_file()

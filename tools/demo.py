@@ -68,7 +68,7 @@ def main(argv=None):
     labels1 = make_labels(args, args.out)
     ckpt1 = pretrain(args, labels1, args.out / "iter1", "mfcc", args.updates[0])
     labels2 = make_labels(args, args.out, checkpoint=ckpt1)
-    ckpt2 = pretrain(args, labels2, args.out / "iter2", "hubert", args.updates[1])
+    pretrain(args, labels2, args.out / "iter2", "hubert", args.updates[1])
 
     rows = []
     for name, exp, data, labels, feature_type, extractor in (
