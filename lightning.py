@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from dataset import (BucketizeBatchSampler, CollateFnHubert, DistributedBatchSampler, HuBERTDataSet, format_stats,
                      loader_stats)
 from loss import compute_accuracy, compute_accuracy_static, hubert_loss, hubert_loss_static
-from model import FACTORIES, convert_conv_layout, convert_optimizer_state, hubert_pretrain_model
+from model import FACTORIES, convert_conv_layout, convert_optimizer_state
 from utils.device import clip_grad_norm, make_optimizer
 from utils.lr_schedule import LinearDecayLRScheduler
 
@@ -55,9 +55,8 @@ class HuBERTPreTrainModule(pl.LightningModule):
                      all_deterministic=all_deterministic)
         if model_name in ("hubert_pretrain_base", "hubert_pretrain_tiny"):
             flags["feature_grad_mult"] = feature_grad_mult  # Large and X-Large keep theirs (None), as upstream
-        self.model = FACTORIES[model_name](num_classes=num_classes, **flags)
-        if model_args:  # any hubert_pretrain_model argument, over the factory's
-            self.model = hubert_pretrain_model(**{**self.model.config, **model_args})
+        # model_args: any hubert_pretrain_model argument, over the factory's and the flags'
+        self.model = FACTORIES[model_name](**{"num_classes": num_classes, **flags, **(model_args or {})})
         # torch.compile'd forward, kept out of the module tree so checkpoints keep the plain parameter names.
         # Every bucket shape compiles once; torch's default limit (8) would send the rest back to eager.
         if use_compile:

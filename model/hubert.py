@@ -223,11 +223,12 @@ ARCHS = {
 
 def _pretrain(arch: str, args: dict) -> HuBERTPretrainModel:
     """The shared part of the factories: static span masks (l=10), no loss skips. ``args`` are the
-    factory's own arguments (``locals()``), its ``**flags`` included."""
+    factory's own arguments (``locals()``), its ``**flags`` included; flags may also override any
+    architecture setting (``train.py --model-arg``)."""
     mode, conv, embed_dim, num_layers, num_heads, ff_dim, layer_norm_first, final_dim = ARCHS[arch]
     args = dict(args)
     flags = args.pop("flags")
-    return hubert_pretrain_model(
+    fixed = dict(
         extractor_mode=mode,
         extractor_conv_layer_config=conv,
         extractor_conv_bias=False,
@@ -250,9 +251,8 @@ def _pretrain(arch: str, args: dict) -> HuBERTPretrainModel:
         skip_masked=False,
         skip_nomask=False,
         final_dim=final_dim,
-        **args,
-        **flags,
     )
+    return hubert_pretrain_model(**{**fixed, **args, **flags})
 
 
 def hubert_pretrain_base(

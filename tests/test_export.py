@@ -28,8 +28,7 @@ def build(arch: str, conv2d: bool, **overrides):
     if arch == "tiny":  # group-norm extractor, pre-LN
         model = hubert_pretrain_tiny(**flags, **overrides)
     elif arch == "post_ln":  # Base's layout: group-norm extractor, post-LN
-        model = hubert_pretrain_model(**{**hubert_pretrain_tiny().config, "encoder_layer_norm_first": False,
-                                         **flags, **overrides})
+        model = hubert_pretrain_tiny(encoder_layer_norm_first=False, **flags, **overrides)
     else:
         model = hubert_pretrain_model(**{**PRE_LN, **overrides}, **flags)
     torch.manual_seed(1)
