@@ -23,14 +23,28 @@ HABANA_FLAGS = dict(use_conv2d=True, use_instancenorm=True, static_indexing=True
                     static_logit_generator=True, split_logits=True, use_max_sub_softmax_opt=True)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_step_args(p: argparse.ArgumentParser):
+    """The model, batch and device arguments shared with bench/train_step.py."""
     p.add_argument("--model", default="base", choices=["base", "tiny"])
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seconds", type=float, default=4.0, help="audio seconds per utterance")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast")
+
+
+def make_batch(num_classes, batch_size, seconds, device):
+    """Random audio of equal lengths (no padding, so every variant does the same useful work)."""
+    n = int(seconds * 16000)
+    frames = (n - 400) // 320 + 1
+    batch = (torch.randn(batch_size, n), torch.randint(0, num_classes, (batch_size, frames)),
+             torch.full((batch_size,), n))
+    return tuple(t.to(device) for t in batch)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_args(p)
     p.add_argument("--compile", action="store_true", help="add torch.compile rows of our model")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
@@ -69,11 +83,8 @@ def main(argv=None):
     torch.manual_seed(0)
     ref = reference_model(args.model)
     factory = FACTORIES[f"hubert_pretrain_{args.model}"]
-    n = int(args.seconds * 16000)
     num_classes = ref.logit_generator.label_embeddings.shape[0]
-    batch = (torch.randn(args.batch_size, n), torch.randint(0, num_classes, (args.batch_size, (n - 400) // 320 + 1)),
-             torch.full((args.batch_size,), n))
-    batch = tuple(t.to(device) for t in batch)
+    batch = make_batch(num_classes, args.batch_size, args.seconds, device)
 
     variants = {"torchaudio": (ref, False)}
     for label, flags in (("ours default", {}), ("ours habana flags", HABANA_FLAGS)):

@@ -74,14 +74,14 @@ def layer_pnmi(checkpoint: Path, data: Path, corpus: Path, k: int):
     dev_files = [dev_dir / f for f in list_audio(dev_dir)]
     alignments = read_alignments([corpus / "alignments" / "dev-clean.tsv"])
     train_feats, dev_feats = layer_features(model, train_files), layer_features(model, dev_files)
+    dev_ids, dev_samples = [f.stem for f in dev_files], [len(load_audio(f)) for f in dev_files]
     results = []
     for layer, (tr, dv) in enumerate(zip(train_feats, dev_feats), start=1):
         # The MFCC labels' k-means: upstream's MiniBatchKMeans settings on every training frame.
         km = fit_kmeans(torch.cat(tr).numpy(), k, seed=0)
         centers = torch.as_tensor(km.cluster_centers_, dtype=torch.float32)
         labels = [predict(x, centers).numpy() for x in dv]
-        quality = measure_arrays([f.stem for f in dev_files], [len(load_audio(f)) for f in dev_files], labels,
-                                 alignments, label_rate=50, source=dev_dir)
+        quality = measure_arrays(dev_ids, dev_samples, labels, alignments, label_rate=50, source=dev_dir)
         results.append({"layer": layer, "pnmi": quality.pnmi, "phone_purity": quality.phone_purity,
                         "cluster_purity": quality.cluster_purity})
         print(f"layer {layer}: held-out PNMI {quality.pnmi:.3f}", flush=True)

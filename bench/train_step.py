@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repo's packages
 from bench.flops import flops_per_audio_second  # noqa: E402
-from bench.model_step import HABANA_FLAGS, reference_model  # noqa: E402
+from bench.model_step import HABANA_FLAGS, add_step_args, make_batch, reference_model  # noqa: E402
 from bench.recompiles import CompileCounter  # noqa: E402
 from loss import hubert_loss, hubert_loss_static  # noqa: E402
 from model import FACTORIES, convert_conv_layout  # noqa: E402
@@ -32,12 +32,7 @@ H100_SXM_BF16_TFLOPS = 989.0
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="base", choices=["base", "tiny"])
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seconds", type=float, default=4.0, help="audio seconds per utterance")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast")
+    add_step_args(p)
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "fusedadamw"],
                    help="fusedadamw = AdamW(fused=True) off HPU, with the foreach clip")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
@@ -48,15 +43,6 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds (the compiled row compiles here)")
     p.add_argument("--quick", action="store_true", help="tiny model, 1 x 2 s, 2 rounds: a smoke run")
     return p.parse_args(argv)
-
-
-def make_batch(num_classes, batch_size, seconds, device):
-    """Random audio of equal lengths (no padding, so every variant does the same useful work)."""
-    n = int(seconds * 16000)
-    frames = (n - 400) // 320 + 1
-    batch = (torch.randn(batch_size, n), torch.randint(0, num_classes, (batch_size, frames)),
-             torch.full((batch_size,), n))
-    return tuple(t.to(device) for t in batch)
 
 
 def build_variants(args, ref, num_classes, counter):
