@@ -25,6 +25,22 @@ from utils.device import check_devices, hpu_accelerator_and_strategy, set_hpu_au
 
 SCRIPT_DIR = Path(__file__).resolve().parent
 
+# Training defaults: upstream's (HuBERT Base), except for models with a recipe of their own. A flag given on
+# the command line always wins.
+UPSTREAM_DEFAULTS = dict(learning_rate=0.0005, warmup_updates=32000, max_updates=250000, seconds_per_batch=87.5,
+                         unmasked_weight=0.0, feature_weight=10.0)
+RECIPES = {
+    # The CPU recipe of the tiny model (docs/tiny_study.md, docs/real_speech.md): ~20 minutes on 2 cores.
+    "hubert_pretrain_tiny": dict(learning_rate=0.002, warmup_updates=250, max_updates=2500, seconds_per_batch=16,
+                                 unmasked_weight=0.5, feature_weight=0.0),
+}
+
+
+def recipe_help(name: str) -> str:
+    """'default X; hubert_pretrain_tiny: Y' for the help of a flag with per-model defaults."""
+    per_model = "".join(f"; {model}: {recipe[name]}" for model, recipe in RECIPES.items() if name in recipe)
+    return f"(default {UPSTREAM_DEFAULTS[name]}{per_model})"
+
 
 def parse_betas(text: str):
     """'0.9,0.98', '(0.9, 0.98)' or '0.9 0.98' (upstream's type=Tuple could not parse anything)."""
@@ -58,7 +74,7 @@ def parse_args(argv=None):
     a("--model-name", default="hubert_pretrain_base", choices=sorted(FACTORIES))
     a("--exp-dir", type=Path, default=Path("./exp"), help="checkpoints and logs go here")
     a("--dataset", default="librispeech", choices=["librispeech", "librilight"])
-    a("--learning-rate", type=float, default=0.0005, help="peak learning rate")
+    a("--learning-rate", type=float, default=None, help="peak learning rate " + recipe_help("learning_rate"))
     a("--betas", type=parse_betas, default=(0.9, 0.98), help="Adam betas, e.g. 0.9,0.98")
     a("--eps", type=float, default=1e-6, help="Adam epsilon")
     a("--weight-decay", type=float, default=0.01)
@@ -69,9 +85,11 @@ def parse_args(argv=None):
     a("--hpus", type=int, default=-1, help="Habana HPUs per node (> -1 selects HPU)")
     a("--accelerator", default="cpu", choices=["cpu", "gpu", "hpu"], help="when neither --gpus nor --hpus")
     a("--devices", type=int, default=1, help="devices (processes) per node with --accelerator")
-    a("--warmup-updates", type=int, default=32000)
-    a("--max-updates", type=int, default=250000, help="optimizer updates; also the LR schedule length")
-    a("--seconds-per-batch", type=float, default=87.5, help="audio seconds per device per micro-batch")
+    a("--warmup-updates", type=int, default=None, help="linear LR warm-up " + recipe_help("warmup_updates"))
+    a("--max-updates", type=int, default=None,
+      help="optimizer updates; also the LR schedule length " + recipe_help("max_updates"))
+    a("--seconds-per-batch", type=float, default=None,
+      help="audio seconds per device per micro-batch " + recipe_help("seconds_per_batch"))
     a("--all-static", action="store_true", help="--static-logit-generator --static-indexing --static-layerdrop")
     a("--static-logit-generator", action="store_true", help="logits of all frames (fixed shapes)")
     a("--static-indexing", action="store_true", help="torch.where instead of boolean-index writes")
@@ -106,11 +124,16 @@ def parse_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the model (pair with --all-static --align-buckets bucket1)")
     a("--seed", type=int, default=1337)
     a("--masked-weight", type=float, default=1.0, help="loss weight of the masked frames")
-    a("--unmasked-weight", type=float, default=0.0, help="loss weight of the unmasked frames")
-    a("--feature-weight", type=float, default=10.0, help="weight of the CNN feature penalty")
+    a("--unmasked-weight", type=float, default=None,
+      help="loss weight of the unmasked frames " + recipe_help("unmasked_weight"))
+    a("--feature-weight", type=float, default=None,
+      help="weight of the CNN feature penalty " + recipe_help("feature_weight"))
     a("--model-arg", type=parse_model_arg, action="append", default=[], metavar="NAME=VALUE",
       help="override a hubert_pretrain_model argument, e.g. encoder_layer_norm_first=True (repeatable)")
     args = p.parse_args(argv)
+    for name, value in {**UPSTREAM_DEFAULTS, **RECIPES.get(args.model_name, {})}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.gpus > -1 and args.hpus > -1:
         p.error("use either --gpus or --hpus, not both")
     if not 0 < args.warmup_updates < args.max_updates:

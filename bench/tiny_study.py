@@ -16,23 +16,18 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repo's packages
 import preprocess  # noqa: E402
 import train  # noqa: E402
-from tools.demo import TINY_RECIPE  # noqa: E402
+from tools.demo import TINY_ON_CPU  # noqa: E402
 from tools.heldout_quality import heldout_quality  # noqa: E402
-from utils.checkpoint import load_pretrained_model  # noqa: E402
-from utils.common_utils import list_audio  # noqa: E402
+from tools.layer_quality import layer_quality, tsv_files  # noqa: E402
 from utils.curves import last, metrics_csv, plot_curves, read_metrics  # noqa: E402
-from utils.feature_utils import load_audio, mfcc_extractor, read_tsv  # noqa: E402
-from utils.kmeans import fit_kmeans, predict  # noqa: E402
-from utils.label_quality import measure_arrays, prior_accuracy, read_alignments  # noqa: E402
+from utils.feature_utils import mfcc_extractor  # noqa: E402
+from utils.label_quality import prior_accuracy  # noqa: E402
 
-# The winning run: the tiny CPU recipe for 20 minutes on 2 cores; flags after "--" are appended and win.
-RECIPE = [*TINY_RECIPE, "--max-updates", "2500", "--warmup-updates", "250", "--val-check-interval", "250",
-          "--log-every-n-steps", "10"]
+# The winning run: train.py's tiny recipe (2,500 updates); flags after "--" are appended and win.
+RECIPE = [*TINY_ON_CPU, "--val-check-interval", "250", "--log-every-n-steps", "10"]
 
 
 def parse_args(argv=None):
@@ -53,41 +48,6 @@ def mfcc_labels(corpus: Path, work: Path, k: int, valid_percent: float) -> Path:
     return work / "data" / "mfcc"
 
 
-def layer_features(model, files):
-    """All transformer layers' outputs for each file: list over layers of list over files of (T, D)."""
-    per_layer = None
-    with torch.inference_mode():
-        for path in files:
-            layers, _ = model.wav2vec2.extract_features(load_audio(path)[None])
-            per_layer = per_layer or [[] for _ in layers]
-            for i, x in enumerate(layers):
-                per_layer[i].append(x[0])
-    return per_layer
-
-
-def layer_pnmi(checkpoint: Path, data: Path, corpus: Path, k: int):
-    """Held-out PNMI of k-means (fitted on the training utterances' features) for every layer."""
-    model = load_pretrained_model(checkpoint).eval()
-    root, lines = read_tsv(data / "tsv" / "librispeech_train.tsv")
-    train_files = [f"{root}/{line.split(chr(9))[0]}" for line in lines]
-    dev_dir = corpus / "LibriSpeech" / "dev-clean"
-    dev_files = [dev_dir / f for f in list_audio(dev_dir)]
-    alignments = read_alignments([corpus / "alignments" / "dev-clean.tsv"])
-    train_feats, dev_feats = layer_features(model, train_files), layer_features(model, dev_files)
-    dev_ids, dev_samples = [f.stem for f in dev_files], [len(load_audio(f)) for f in dev_files]
-    results = []
-    for layer, (tr, dv) in enumerate(zip(train_feats, dev_feats), start=1):
-        # The MFCC labels' k-means: upstream's MiniBatchKMeans settings on every training frame.
-        km = fit_kmeans(torch.cat(tr).numpy(), k, seed=0)
-        centers = torch.as_tensor(km.cluster_centers_, dtype=torch.float32)
-        labels = [predict(x, centers).numpy() for x in dv]
-        quality = measure_arrays(dev_ids, dev_samples, labels, alignments, label_rate=50, source=dev_dir)
-        results.append({"layer": layer, "pnmi": quality.pnmi, "phone_purity": quality.phone_purity,
-                        "cluster_purity": quality.cluster_purity})
-        print(f"layer {layer}: held-out PNMI {quality.pnmi:.3f}", flush=True)
-    return results
-
-
 def main(argv=None):
     args = parse_args(argv)
     extra = [f for f in args.train_flags if f != "--"]
@@ -103,7 +63,9 @@ def main(argv=None):
     mfcc = heldout_quality(data, args.corpus / "LibriSpeech" / "dev-clean",
                            [args.corpus / "alignments" / "dev-clean.tsv"], mfcc_extractor())
     checkpoint = args.out / "checkpoints_librispeech_hubert_pretrain_tiny" / "last.ckpt"
-    layers = layer_pnmi(checkpoint, data, args.corpus, args.num_cluster)
+    layers = layer_quality(checkpoint, tsv_files(data / "tsv" / "librispeech_train.tsv"),
+                           args.corpus / "LibriSpeech" / "dev-clean", [args.corpus / "alignments" / "dev-clean.tsv"],
+                           args.num_cluster)
     best = max(layers, key=lambda r: r["pnmi"])
     updates = max((step for points in series.values() for step, _ in points), default=-1) + 1
     result = {

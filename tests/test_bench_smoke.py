@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import data_path, flops, recompiles, tiny_study, train_step
+from bench import data_path, flops, real_speech, recompiles, tiny_study, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,4 +64,26 @@ def test_tiny_study_prints_both_figures(tmp_path, capsys):
     assert result["updates"] == 3 and len(result["layers"]) == 6
     assert 0 < result["prior_accuracy"] < 1 and 0 < result["mfcc_pnmi"] < 1
     assert all(0 < r["pnmi"] < 1 for r in result["layers"])
+    assert (tmp_path / "run" / "results.json").is_file() and (tmp_path / "run" / "curves.png").is_file()
+
+
+def test_real_speech_runs_both_iterations(tmp_path, capsys):
+    """On the demo corpus (the real-speech data stays outside the repo): held-out speakers validate, their
+    alignments score the labels."""
+    corpus = REPO / "demo_data"
+    result = real_speech.main([
+        "--train-dir", str(corpus / "LibriSpeech" / "train-clean-100"),
+        "--valid-dir", str(corpus / "LibriSpeech" / "dev-clean"),
+        "--phone-audio", str(corpus / "LibriSpeech" / "dev-clean"),
+        "--phone-alignments", str(corpus / "alignments" / "dev-clean.tsv"), "--out", str(tmp_path / "run"),
+        "--num-cluster", "12", "--val-check-interval", "2", "--", "--max-updates", "2", "--warmup-updates", "1"])
+    assert "PNMI per layer" in capsys.readouterr().out
+    valid = (tmp_path / "mfcc_12" / "data" / "mfcc" / "tsv" / "librispeech_valid.tsv").read_text().splitlines()
+    assert valid[0].endswith("dev-clean")
+    assert len(valid) - 1 == len(list((corpus / "LibriSpeech" / "dev-clean").rglob("*.flac")))
+    for name in ("iter1", "iter2"):
+        r = result[name]
+        assert len(r["layers"]) == 6 and all(0 < layer["pnmi"] < 1 for layer in r["layers"])
+        assert 0 < r["prior_accuracy"] < 1 and r["ratio"] == r["val_masked_accuracy"] / r["prior_accuracy"]
+    assert (tmp_path / "run" / "data" / f"hubert_{result['iter1']['best_layer']['layer']}" / "label").is_dir()
     assert (tmp_path / "run" / "results.json").is_file() and (tmp_path / "run" / "curves.png").is_file()

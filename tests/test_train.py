@@ -129,6 +129,18 @@ def test_betas_parse():
         train.parse_betas("0.9")
 
 
+def test_tiny_model_brings_its_recipe_and_flags_win():
+    base = ["--dataset-path", "x", "--feature-type", "mfcc", "--num-classes", "100"]
+    upstream = train.parse_args(base)
+    assert (upstream.learning_rate, upstream.warmup_updates, upstream.max_updates, upstream.seconds_per_batch,
+            upstream.unmasked_weight, upstream.feature_weight) == (0.0005, 32000, 250000, 87.5, 0.0, 10.0)
+    tiny = train.parse_args(base + ["--model-name", "hubert_pretrain_tiny"])
+    assert {name: getattr(tiny, name) for name in train.UPSTREAM_DEFAULTS} == train.RECIPES["hubert_pretrain_tiny"]
+    mixed = train.parse_args(base + ["--model-name", "hubert_pretrain_tiny", "--learning-rate", "0.001",
+                                     "--feature-weight", "10"])
+    assert (mixed.learning_rate, mixed.feature_weight, mixed.unmasked_weight) == (0.001, 10.0, 0.5)
+
+
 def test_model_args_and_loss_weights_reach_the_model(tmp_path):
     data = make_prepared_dataset(tmp_path / "d", n_train=3, n_valid=1)
     args = train.parse_args(args_for(data, tmp_path / "exp", "--max-updates", "2", "--warmup-updates", "1",

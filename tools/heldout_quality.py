@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repo's packages
 from utils.common_utils import list_audio
@@ -19,8 +20,9 @@ from utils.kmeans import load_centers, predict
 from utils.label_quality import LabelQuality, measure_arrays, read_alignments
 
 
-def heldout_quality(data_dir, audio_dir, alignment_paths, extractor: Extractor, device="cpu") -> LabelQuality:
-    """Quality of the labels that ``data_dir/km_model/model.pt`` gives every file under ``audio_dir``."""
+def label_folder(data_dir, audio_dir, extractor: Extractor, device="cpu") -> Tuple[List[Path], List[int], list]:
+    """(files relative to ``audio_dir``, their sample counts, their frame labels) for every .flac under
+    ``audio_dir``, labelled with the k-means model of ``data_dir`` (``km_model/model.pt``)."""
     centers = load_centers(Path(data_dir) / "km_model", device)
     if centers.shape[1] != extractor.dim:
         raise ValueError(f"{data_dir}/km_model/model.pt has {centers.shape[1]}-dim centres but the features "
@@ -28,14 +30,20 @@ def heldout_quality(data_dir, audio_dir, alignment_paths, extractor: Extractor, 
     files = list_audio(Path(audio_dir))
     if not files:
         raise ValueError(f"no .flac files under {audio_dir}")
-    ids, num_samples, labels = [], [], []
+    num_samples, labels = [], []
     for rel in files:
         waveform = load_audio(Path(audio_dir) / rel)
-        ids.append(rel.stem)
         num_samples.append(len(waveform))
         labels.append(predict(extractor.extract(waveform), centers).numpy())
+    return files, num_samples, labels
+
+
+def heldout_quality(data_dir, audio_dir, alignment_paths, extractor: Extractor, device="cpu") -> LabelQuality:
+    """Quality of the labels that ``data_dir/km_model/model.pt`` gives every file under ``audio_dir``."""
+    files, num_samples, labels = label_folder(data_dir, audio_dir, extractor, device)
     rate = 100 if extractor.description == "mfcc" else 50
-    return measure_arrays(ids, num_samples, labels, read_alignments(alignment_paths), rate, source=audio_dir)
+    return measure_arrays([f.stem for f in files], num_samples, labels, read_alignments(alignment_paths), rate,
+                          source=audio_dir)
 
 
 def main(argv=None):

@@ -1,0 +1,93 @@
+"""Which layer should the next iteration cluster? k-means on every transformer layer of a checkpoint, fitted
+on training utterances and scored on held-out audio with phone alignments (PNMI, purities; see
+utils/label_quality.py). The paper picks layer 6 of Base this way (HuBERT §V-C).
+
+    python tools/layer_quality.py --checkpoint CKPT --tsv exp/data/mfcc/tsv/librispeech_train.tsv \\
+        --audio-dir demo_data/LibriSpeech/dev-clean --alignments demo_data/alignments/dev-clean.tsv
+
+Each layer's k-means is upstream's MiniBatchKMeans fitted on every frame of the listed utterances, as
+``preprocess.py --feat-type hubert --percent -1`` would fit it. ``--layer-norm`` normalises each frame
+(zero mean, unit variance over channels) before k-means: pre-LN models (tiny, Large) keep an unnormalised
+residual stream, whose largest channels would otherwise decide the clusters.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Sequence
+
+import torch
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repo's packages
+from utils.checkpoint import load_pretrained_model  # noqa: E402
+from utils.common_utils import list_audio  # noqa: E402
+from utils.feature_utils import load_audio, read_tsv  # noqa: E402
+from utils.kmeans import fit_kmeans, predict  # noqa: E402
+from utils.label_quality import measure_arrays, read_alignments  # noqa: E402
+
+
+def tsv_files(tsv) -> List[str]:
+    """The audio paths a preprocess.py file list names."""
+    root, lines = read_tsv(tsv)
+    return [f"{root}/{line.split(chr(9))[0]}" for line in lines]
+
+
+def layer_features(model, files: Sequence, layer_norm: bool = False) -> List[List[torch.Tensor]]:
+    """Every transformer layer's output for each file: a list over layers of a list over files of (T, D)."""
+    per_layer = None
+    with torch.inference_mode():
+        for path in files:
+            layers, _ = model.wav2vec2.extract_features(load_audio(path)[None])
+            per_layer = per_layer or [[] for _ in layers]
+            for i, x in enumerate(layers):
+                per_layer[i].append(F.layer_norm(x[0], x.shape[-1:]) if layer_norm else x[0])
+    return per_layer
+
+
+def layer_quality(checkpoint, train_files: Sequence, audio_dir, alignment_paths: Sequence, num_cluster: int = 100,
+                  layer_norm: bool = False, seed: int = 0) -> List[dict]:
+    """Held-out label quality of k-means on each layer: [{"layer": 1, "pnmi": ..., ...}, ...]."""
+    model = load_pretrained_model(checkpoint).eval()
+    audio_dir = Path(audio_dir)
+    held_out = [audio_dir / f for f in list_audio(audio_dir)]
+    if not held_out:
+        raise ValueError(f"no .flac files under {audio_dir}")
+    alignments = read_alignments(alignment_paths)
+    train_feats = layer_features(model, train_files, layer_norm)
+    held_out_feats = layer_features(model, held_out, layer_norm)
+    ids, num_samples = [f.stem for f in held_out], [len(load_audio(f)) for f in held_out]
+    results = []
+    for layer, (fit_on, score_on) in enumerate(zip(train_feats, held_out_feats), start=1):
+        km = fit_kmeans(torch.cat(fit_on).numpy(), num_cluster, seed=seed)
+        centers = torch.as_tensor(km.cluster_centers_, dtype=torch.float32)
+        labels = [predict(x, centers).numpy() for x in score_on]
+        quality = measure_arrays(ids, num_samples, labels, alignments, label_rate=50, source=audio_dir)
+        results.append({"layer": layer, "pnmi": quality.pnmi, "phone_purity": quality.phone_purity,
+                        "cluster_purity": quality.cluster_purity})
+        print(f"layer {layer}: held-out PNMI {quality.pnmi:.3f}", flush=True)
+    return results
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="train.py checkpoint (or exported state dict)")
+    p.add_argument("--tsv", required=True, help="file list of the utterances k-means is fitted on")
+    p.add_argument("--audio-dir", required=True, help="held-out audio, searched for *.flac")
+    p.add_argument("--alignments", required=True, nargs="+", help="'<utt-id>\\t<phone> ...' files at 100 Hz")
+    p.add_argument("--num-cluster", type=int, default=100)
+    p.add_argument("--layer-norm", action="store_true", help="normalise each frame before k-means")
+    p.add_argument("--json", action="store_true", help="print one JSON list")
+    args = p.parse_args(argv)
+    try:
+        results = layer_quality(args.checkpoint, tsv_files(args.tsv), args.audio_dir, args.alignments,
+                                args.num_cluster, args.layer_norm)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if args.json:
+        print(json.dumps(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
