@@ -76,7 +76,12 @@ class FeatureProjection(nn.Module):
 
 
 class ConvolutionalPositionalEmbedding(nn.Module):
-    """Grouped conv over time with weight norm; the even kernel's extra output frame is dropped."""
+    """Grouped conv over time with weight norm; the even kernel's extra output frame is dropped.
+
+    ``conv`` carries torch's weight-norm parametrization (torchaudio's parameter names), but ``forward``
+    computes the normalised weight itself, with the op the parametrization uses: TorchScript cannot run
+    parametrizations, and so the live module scripts as it is (torchaudio removes the weight norm from it).
+    """
 
     def __init__(self, embed_dim: int, kernel_size: int, groups: int):
         super().__init__()
@@ -86,8 +91,15 @@ class ConvolutionalPositionalEmbedding(nn.Module):
         self.conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
         self.num_remove = 1 if kernel_size % 2 == 0 else 0
 
+    def __prepare_scriptable__(self):
+        """Nothing to prepare (torchaudio's removes the weight norm here, and its tests call this)."""
+        return self
+
     def forward(self, x: Tensor) -> Tensor:
-        x = self.conv(x.transpose(-2, -1))
+        norm = self.conv.parametrizations.weight  # original0 = g, original1 = v
+        weight = torch._weight_norm(norm.original1, norm.original0, 2)
+        x = nn.functional.conv1d(x.transpose(-2, -1), weight, self.conv.bias, padding=self.kernel_size // 2,
+                                 groups=self.conv.groups)
         if self.num_remove > 0:
             x = x[..., : -self.num_remove]
         return nn.functional.gelu(x).transpose(-2, -1)
@@ -206,9 +218,11 @@ class Transformer(nn.Module):
             raise ValueError(f"`num_layers` must be between [1, {len(self.layers)}]")
         outputs: List[Tensor] = []
         x = self._preprocess(x)
-        for layer in self.layers[:num_layers]:
+        for layer in self.layers:
             x = layer(x, attention_mask)
             outputs.append(x)
+            if num_layers is not None and len(outputs) == num_layers:
+                return outputs
         return outputs
 
 

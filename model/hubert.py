@@ -26,6 +26,7 @@ class Wav2Vec2Model(nn.Module):
         self.encoder = encoder
         self.aux = aux
 
+    @torch.jit.export
     def extract_features(self, waveforms: Tensor, lengths: Optional[Tensor] = None,
                          num_layers: Optional[int] = None) -> Tuple[List[Tensor], Optional[Tensor]]:
         """Outputs of transformer layers 1..num_layers (all if None), each ``(B, T, D)``, and frame lengths."""
