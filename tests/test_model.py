@@ -237,7 +237,6 @@ def test_encoder_scripts_saves_and_loads_with_equal_outputs(tmp_path, encoder, a
     assert "conv.parametrizations.weight.original0" in dict(model.encoder.transformer.pos_conv_embed.named_parameters())
 
 
-@pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated")
 @pytest.mark.parametrize("encoder", ["base", "habana"])
 def test_dynamically_quantized_model_scripts_with_equal_outputs(tmp_path, encoder):
     model = deployable(encoder, aux=True)
