@@ -251,7 +251,7 @@ def test_dynamically_quantized_model_scripts_with_equal_outputs(tmp_path, encode
     out, out_lengths = script_save_load(quantized, tmp_path / "quantized.pt")(waveforms, lengths)
     torch.testing.assert_close(out, expected)  # torchaudio's check: scripting changes nothing
     assert torch.equal(out_lengths, expected_lengths)
-    # int8 weights: 3 % from the fp32 model here (a random model: ~140 %), not a different function.
+    # int8 weights: 3 % from the fp32 model here (another random model: ~100 %), not a different function.
     assert (expected - full_precision).norm() / full_precision.norm() < 0.1
 
 
