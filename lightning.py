@@ -13,7 +13,7 @@ from dataset import (BucketizeBatchSampler, CollateFnHubert, DistributedBatchSam
                      loader_stats)
 from loss import compute_accuracy, compute_accuracy_static, hubert_loss, hubert_loss_static
 from model import FACTORIES, convert_conv_layout, convert_optimizer_state
-from utils.device import clip_grad_norm, make_optimizer
+from utils.device import clip_grad_norm, hpu_graph_breaks, make_optimizer
 from utils.lr_schedule import LinearDecayLRScheduler
 
 SAMPLE_RATE = 16000
@@ -51,12 +51,16 @@ class HuBERTPreTrainModule(pl.LightningModule):
         flags = dict(use_conv2d=use_conv2d, use_instancenorm=use_instancenorm, static_indexing=static_indexing,
                      static_layerdrop=static_layerdrop, static_logit_generator=static_logit_generator,
                      split_logits=split_logits, use_max_sub_softmax_opt=use_max_sub_softmax_opt,
-                     recompilation_optimization=recompilation_optimization, no_layerdrop=no_layerdrop,
-                     all_deterministic=all_deterministic)
+                     no_layerdrop=no_layerdrop, all_deterministic=all_deterministic)
         if model_name in ("hubert_pretrain_base", "hubert_pretrain_tiny"):
             flags["feature_grad_mult"] = feature_grad_mult  # Large and X-Large keep theirs (None), as upstream
         # model_args: any hubert_pretrain_model argument, over the factory's and the flags'
         self.model = FACTORIES[model_name](**{"num_classes": num_classes, **flags, **(model_args or {})})
+        transformer = self.model.wav2vec2.encoder.transformer
+        if recompilation_optimization and static_layerdrop and transformer.layer_drop > 0:
+            # Habana's HPU graph break before the first layer and after each layer's where (spec §6.8; after
+            # the final layer norm of a pre-LN model), so each layer's graph is the same whatever is dropped.
+            hpu_graph_breaks(before=transformer.layers, after=[transformer])
         # torch.compile'd forward, kept out of the module tree so checkpoints keep the plain parameter names.
         # Every bucket shape compiles once; torch's default limit (8) would send the rest back to eager.
         if use_compile:

@@ -2,14 +2,13 @@
 
 Parameter names and shapes follow ``torchaudio.models.wav2vec2.components`` so that state dicts move both
 ways. The Habana static-shape options (conv2d extractor, instance norm, ``torch.where`` padding and layer
-drop, HPU graph breaks) are constructor flags, off by default.
+drop) are constructor flags, off by default. Nothing here knows about devices: an HPU graph break per
+layer (``--recompilation-optimization``) is added by the training code with forward hooks.
 """
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
-
-from utils.device import mark_step
 
 
 class LayerNorm(nn.LayerNorm):
@@ -77,7 +76,12 @@ class FeatureProjection(nn.Module):
 
 
 class ConvolutionalPositionalEmbedding(nn.Module):
-    """Grouped conv over time with weight norm; the even kernel's extra output frame is dropped."""
+    """Grouped conv over time with weight norm; the even kernel's extra output frame is dropped.
+
+    ``conv`` carries torch's weight-norm parametrization (torchaudio's parameter names), but ``forward``
+    computes the normalised weight itself, with the op the parametrization uses: TorchScript cannot run
+    parametrizations, and so the live module scripts as it is (torchaudio removes the weight norm from it).
+    """
 
     def __init__(self, embed_dim: int, kernel_size: int, groups: int):
         super().__init__()
@@ -87,8 +91,15 @@ class ConvolutionalPositionalEmbedding(nn.Module):
         self.conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
         self.num_remove = 1 if kernel_size % 2 == 0 else 0
 
+    def __prepare_scriptable__(self):
+        """Nothing to prepare (torchaudio's removes the weight norm here, and its tests call this)."""
+        return self
+
     def forward(self, x: Tensor) -> Tensor:
-        x = self.conv(x.transpose(-2, -1))
+        norm = self.conv.parametrizations.weight  # original0 = g, original1 = v
+        weight = torch._weight_norm(norm.original1, norm.original0, 2)
+        x = nn.functional.conv1d(x.transpose(-2, -1), weight, self.conv.bias, padding=self.kernel_size // 2,
+                                 groups=self.conv.groups)
         if self.num_remove > 0:
             x = x[..., : -self.num_remove]
         return nn.functional.gelu(x).transpose(-2, -1)
@@ -168,12 +179,10 @@ class Transformer(nn.Module):
 
     Layer drop draws one ``torch.rand(1)`` per layer in training, as upstream. With ``static_layerdrop``
     every layer is computed and a dropped one is undone with ``torch.where`` (one graph for every drop
-    pattern; dropped layers get zero gradients instead of none). ``recompilation_optimization`` adds an
-    HPU graph break around each layer (a no-op on other devices).
+    pattern; dropped layers get zero gradients instead of none).
     """
 
-    def __init__(self, pos_conv_embed, dropout, layers, layer_norm_first, layer_drop,
-                 static_layerdrop=False, recompilation_optimization=False):
+    def __init__(self, pos_conv_embed, dropout, layers, layer_norm_first, layer_drop, static_layerdrop=False):
         super().__init__()
         self.pos_conv_embed = pos_conv_embed
         self.layer_norm = nn.LayerNorm(pos_conv_embed.embed_dim)
@@ -182,7 +191,6 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.layers = layers
         self.static_layerdrop = static_layerdrop
-        self.recompilation_optimization = recompilation_optimization
 
     def _preprocess(self, x: Tensor) -> Tensor:
         x = x + self.pos_conv_embed(x)
@@ -193,16 +201,11 @@ class Transformer(nn.Module):
     def forward(self, x: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         x = self._preprocess(x)
         drop_layers = self.training and self.layer_drop > 0
-        graph_breaks = drop_layers and self.static_layerdrop and self.recompilation_optimization
-        if graph_breaks:
-            mark_step(x)
         for layer in self.layers:
             dropped = drop_layers and torch.rand(1).item() <= self.layer_drop
             if self.static_layerdrop and drop_layers:
                 y = layer(x, attention_mask)
                 x = torch.where(torch.tensor(dropped, device=x.device), x, y)
-                if graph_breaks:
-                    mark_step(x)
             elif not dropped:
                 x = layer(x, attention_mask)
         if not self.layer_norm_first:
@@ -215,9 +218,11 @@ class Transformer(nn.Module):
             raise ValueError(f"`num_layers` must be between [1, {len(self.layers)}]")
         outputs: List[Tensor] = []
         x = self._preprocess(x)
-        for layer in self.layers[:num_layers]:
+        for layer in self.layers:
             x = layer(x, attention_mask)
             outputs.append(x)
+            if num_layers is not None and len(outputs) == num_layers:
+                return outputs
         return outputs
 
 
@@ -297,7 +302,7 @@ def get_feature_extractor(norm_mode: str, shapes: List[Tuple[int, int, int]], bi
 
 def get_encoder(in_features, embed_dim, dropout_input, pos_conv_kernel, pos_conv_groups, num_layers, num_heads,
                 attention_dropout, ff_interm_features, ff_interm_dropout, dropout, layer_norm_first, layer_drop,
-                static_indexing=False, static_layerdrop=False, recompilation_optimization=False) -> Encoder:
+                static_indexing=False, static_layerdrop=False) -> Encoder:
     feature_projection = FeatureProjection(in_features, embed_dim, dropout_input)
     pos_conv = ConvolutionalPositionalEmbedding(embed_dim, pos_conv_kernel, pos_conv_groups)
     layers = nn.ModuleList(
@@ -309,6 +314,5 @@ def get_encoder(in_features, embed_dim, dropout_input, pos_conv_kernel, pos_conv
         )
         for _ in range(num_layers)
     )
-    transformer = Transformer(pos_conv, dropout, layers, not layer_norm_first, layer_drop,
-                              static_layerdrop, recompilation_optimization)
+    transformer = Transformer(pos_conv, dropout, layers, not layer_norm_first, layer_drop, static_layerdrop)
     return Encoder(feature_projection, transformer, static_indexing)

@@ -11,6 +11,9 @@ from torch import Tensor
 
 from .hubert import ARCHS, FACTORIES, HuBERTPretrainModel, hubert_pretrain_model
 
+# Saved by older checkpoints' configs, no longer model arguments: the HPU graph break per layer is now added by
+# the training code (lightning.py).
+RETIRED_ARGS = ("recompilation_optimization",)
 _CONV_WEIGHT = re.compile(r"(^|\.)wav2vec2\.feature_extractor\.conv_layers\.\d+\.conv\.weight$")
 
 
@@ -81,6 +84,7 @@ def model_from_state_dict(state_dict: Dict[str, Tensor], config: Optional[dict] 
     ``use_conv2d=False``); the conv layout of the weights follows the model's.
     """
     if config is not None:
+        config = {k: v for k, v in config.items() if k not in RETIRED_ARGS}
         model = hubert_pretrain_model(**{**config, **overrides})
     else:
         num_classes = state_dict["logit_generator.label_embeddings"].shape[0]

@@ -26,6 +26,7 @@ class Wav2Vec2Model(nn.Module):
         self.encoder = encoder
         self.aux = aux
 
+    @torch.jit.export
     def extract_features(self, waveforms: Tensor, lengths: Optional[Tensor] = None,
                          num_layers: Optional[int] = None) -> Tuple[List[Tensor], Optional[Tensor]]:
         """Outputs of transformer layers 1..num_layers (all if None), each ``(B, T, D)``, and frame lengths."""
@@ -156,7 +157,6 @@ def hubert_pretrain_model(
     static_logit_generator: bool = False,
     split_logits: bool = False,
     use_max_sub_softmax_opt: bool = False,
-    recompilation_optimization: bool = False,
     no_layerdrop: bool = False,
     all_deterministic: bool = False,
     label_embedding_init: str = "uniform",
@@ -194,7 +194,6 @@ def hubert_pretrain_model(
         layer_drop=encoder_layer_drop,
         static_indexing=static_indexing,
         static_layerdrop=static_layerdrop,
-        recompilation_optimization=recompilation_optimization,
     )
     mask_generator = MaskGenerator(
         encoder_embed_dim, mask_prob, mask_selection, mask_other, mask_length, no_mask_overlap, mask_min_space,

@@ -1,10 +1,13 @@
-"""utils/device.py on a machine without HPU or GPU: clear errors, the CPU fallbacks, lightning-habana importable."""
+"""utils/device.py on a machine without HPU or GPU: clear errors, the CPU fallbacks, lightning-habana importable,
+the HPU graph breaks handed into the model."""
 import sys
 
 import pytest
 import torch
 
 import lightning  # our LightningModule file: the name that confuses lightning-habana
+import utils.device
+from tests.test_model import make_batch
 from utils.device import (check_devices, clip_grad_norm, describe_machine, hide_our_lightning_module,
                           import_lightning_habana, make_optimizer)
 
@@ -43,3 +46,24 @@ def test_fused_optimizer_and_clip_fall_back_off_hpu():
     assert torch.cat([p.grad for p in params]).norm() == pytest.approx(1.0, rel=1e-4)
     with pytest.raises(ValueError, match="unknown optimizer"):
         make_optimizer("sgd", params, 1e-3, (0.9, 0.98), 1e-6, 0.01, "cpu")
+
+
+@pytest.mark.parametrize("recompilation_optimization", [True, False])
+def test_training_hands_hpu_graph_breaks_into_the_model(monkeypatch, recompilation_optimization):
+    """--recompilation-optimization: Habana's mark_step before the first layer and after every layer, in
+    training only (``mark_step`` stands in for the HPU runtime, which this machine lacks)."""
+    module = lightning.HuBERTPreTrainModule(
+        model_name="hubert_pretrain_tiny", feature_grad_mult=0.1, num_classes=20, dataset="librispeech",
+        dataset_path="unused", feature_type="mfcc", seconds_per_batch=10, learning_rate=1e-3, betas=(0.9, 0.98),
+        eps=1e-6, weight_decay=0.01, clip_norm=10.0, warmup_updates=1, max_updates=2, static_layerdrop=True,
+        recompilation_optimization=recompilation_optimization)
+    breaks = []
+    monkeypatch.setattr(utils.device, "mark_step", lambda x: breaks.append(x.shape))
+    batch = make_batch(20, n=8000)
+    module.model.train()(*batch)
+    num_layers = len(module.model.wav2vec2.encoder.transformer.layers)
+    assert len(breaks) == (num_layers + 1 if recompilation_optimization else 0)
+    breaks.clear()
+    with torch.no_grad():
+        module.model.eval()(*batch)
+    assert not breaks

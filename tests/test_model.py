@@ -182,3 +182,90 @@ def test_large_state_dict_layout_matches_torchaudio():
     ref = torchaudio.models.hubert_pretrain_large().state_dict()
     ours = hubert_pretrain_large().state_dict()
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in ref.items()}
+
+
+# ---- deployment: TorchScript and dynamic quantization, as torchaudio's model tests check them ----------------
+# Base's layout (group-norm extractor, post-LN, layer drop) at a width that scripts in seconds.
+BASE_NARROW = dict(extractor_conv_layer_config=[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2,
+                   encoder_embed_dim=64, encoder_num_layers=3, encoder_num_heads=4, encoder_ff_interm_features=128,
+                   encoder_pos_conv_kernel=16, encoder_pos_conv_groups=4, final_dim=16)
+ENCODERS = {
+    "base": lambda: hubert_pretrain_base(**BASE_NARROW),
+    "layer_norm": lambda: hubert_pretrain_model(**SMALL),  # Large's layout
+    "habana": lambda: hubert_pretrain_base(**BASE_NARROW, **HABANA_FLAGS),  # conv2d, instance norm, static
+}
+
+
+def deployable(encoder: str, aux: bool):
+    """The encoder of a pre-training model in eval mode, with a CTC-style ``aux`` head if asked (fine-tuned)."""
+    torch.manual_seed(0)
+    wav2vec2 = ENCODERS[encoder]().wav2vec2
+    with torch.no_grad():  # every parameter random, so a mixed-up weight cannot hide
+        for p in wav2vec2.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    if aux:
+        wav2vec2.aux = torch.nn.Linear(64, 29)
+    return wav2vec2.eval()
+
+
+def script_save_load(model, path):
+    torch.jit.save(torch.jit.script(model), path)
+    return torch.jit.load(path)
+
+
+@pytest.mark.parametrize("encoder, aux", [("base", False), ("base", True), ("layer_norm", True), ("habana", False)])
+def test_encoder_scripts_saves_and_loads_with_equal_outputs(tmp_path, encoder, aux):
+    model = deployable(encoder, aux)
+    state = model.state_dict()
+    waveforms, _, lengths = make_batch(20, n=8000)
+    lengths[2] = 0  # an empty clip, as torchaudio's zero-length test
+    with torch.no_grad():
+        expected = model(waveforms, lengths)
+        expected_features = model.extract_features(waveforms, lengths, num_layers=2)[0]
+        expected_unpadded = model(waveforms, None)[0]
+    loaded = script_save_load(model, tmp_path / "model.pt")
+    out, out_lengths = loaded(waveforms, lengths)
+    assert out.shape[-1] == (29 if aux else 64)
+    torch.testing.assert_close(out, expected[0])
+    assert torch.equal(out_lengths, expected[1]) and out_lengths[2] == 0
+    for a, b in zip(loaded.extract_features(waveforms, lengths, 2)[0], expected_features, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(loaded(waveforms, None)[0], expected_unpadded)
+    # The live model keeps its weight norm and parameter names (torchaudio strips them while scripting), and
+    # the scripted one has the same names, so it loads checkpoints' weights.
+    assert model.state_dict().keys() == state.keys() == loaded.state_dict().keys()
+    assert "conv.parametrizations.weight.original0" in dict(model.encoder.transformer.pos_conv_embed.named_parameters())
+
+
+@pytest.mark.parametrize("encoder", ["base", "habana"])
+def test_dynamically_quantized_model_scripts_with_equal_outputs(tmp_path, encoder):
+    model = deployable(encoder, aux=True)
+    model.encoder.transformer.pos_conv_embed.__prepare_scriptable__()  # what torchaudio's tests call first
+    quantized = torch.ao.quantization.quantize_dynamic(model, qconfig_spec={torch.nn.Linear}, dtype=torch.qint8)
+    num_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert sum(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in quantized.modules()) == num_linear
+    waveforms, _, lengths = make_batch(20, n=8000)
+    with torch.no_grad():
+        expected, expected_lengths = quantized(waveforms, lengths)
+        full_precision = model(waveforms, lengths)[0]
+    out, out_lengths = script_save_load(quantized, tmp_path / "quantized.pt")(waveforms, lengths)
+    torch.testing.assert_close(out, expected)  # torchaudio's check: scripting changes nothing
+    assert torch.equal(out_lengths, expected_lengths)
+    # int8 weights: 3 % from the fp32 model here (another random model: ~100 %), not a different function.
+    assert (expected - full_precision).norm() / full_precision.norm() < 0.1
+
+
+def test_encoder_exports_with_torch_export_for_any_batch_and_length(tmp_path):
+    """torch 2.11 deprecates TorchScript for torch.export, which takes the same model."""
+    model = deployable("base", aux=True)
+    waveforms, _, lengths = make_batch(20, n=8000)
+    batch, time = torch.export.Dim("batch"), torch.export.Dim("time", min=720)  # two frames or more
+    program = torch.export.export(model, (waveforms, lengths), dynamic_shapes=({0: batch, 1: time}, {0: batch}))
+    torch.export.save(program, tmp_path / "model.pt2")
+    loaded = torch.export.load(tmp_path / "model.pt2").module()
+    waveforms, lengths = torch.randn(1, 12345), torch.tensor([12345])  # exported with (3, 8000)
+    with torch.no_grad():
+        expected = model(waveforms, lengths)
+        out = loaded(waveforms, lengths)
+    torch.testing.assert_close(out[0], expected[0])
+    assert torch.equal(out[1], expected[1])

@@ -21,6 +21,16 @@ def mark_step(x: torch.Tensor) -> None:
         htcore.mark_step()
 
 
+def hpu_graph_breaks(before: Iterable[torch.nn.Module] = (), after: Iterable[torch.nn.Module] = ()) -> None:
+    """Forward hooks that end the lazy HPU graph (``mark_step``) just before each module of ``before`` and
+    just after each of ``after`` runs in training mode; nothing in eval mode or on other devices. The model
+    stays device-free (and scriptable): the training code hands the graph breaks in."""
+    for module in before:
+        module.register_forward_pre_hook(lambda m, args: mark_step(args[0]) if m.training else None)
+    for module in after:
+        module.register_forward_hook(lambda m, args, out: mark_step(out) if m.training else None)
+
+
 def hpu_count() -> int:
     try:
         import habana_frameworks.torch.hpu as hthpu
