@@ -1,5 +1,5 @@
 """The HuBERT pre-training LightningModule (spec §8): manual optimisation, global masked-frame loss
-normalisation, gradient accumulation, clipping, and metrics reduced across ranks."""
+normalisation, gradient accumulation, clipping, metrics reduced across ranks, and resumable data."""
 import time
 from pathlib import Path
 from typing import Optional, Tuple
@@ -7,12 +7,11 @@ from typing import Optional, Tuple
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from dataset import (BucketizeBatchSampler, CollateFnHubert, DistributedBatchSampler, HuBERTDataSet, format_stats,
-                     loader_stats)
+from dataset import (BucketizeBatchSampler, CollateFnHubert, DistributedBatchSampler, HuBERTDataSet, UpdateBatch,
+                     UpdateLoader, format_stats, loader_stats)
 from loss import compute_accuracy, compute_accuracy_static, hubert_loss, hubert_loss_static
-from model import FACTORIES, convert_conv_layout, convert_optimizer_state
+from model import FACTORIES, convert_conv_layout, convert_optimizer_state, convert_weight_norm
 from utils.device import clip_grad_norm, hpu_graph_breaks, make_optimizer
 from utils.lr_schedule import LinearDecayLRScheduler
 
@@ -25,12 +24,16 @@ STATS = ("loss", "masked", "masked_correct", "unmasked", "unmasked_correct")
 class HuBERTPreTrainModule(pl.LightningModule):
     """Pre-training of ``model_name`` on ``dataset_path`` (``<exp>/data/<feat>/`` from preprocess.py).
 
-    Each micro-batch's loss is scaled by ``world_size / (masked frames of all ranks)`` before backward, so
-    after DDP's gradient average the update is the per-masked-frame gradient of the global batch. With
-    ``accum_steps > 1`` the micro-batch gradients are averaged (each scaled by ``1 / accum_steps``), so 2 x
-    175 s equals 1 x 350 s; Habana's recipe summed them. A step whose loss is not finite on any rank is
-    skipped on every rank (so DDP stays in step) and counted. Randomness (masks, dropout, layer drop) is
-    seeded per (seed, step, micro-batch, rank), so a resumed run draws what an uninterrupted one would.
+    One training batch is one optimizer update: an :class:`UpdateBatch` of ``accum_steps`` micro-batches
+    (fewer at the end of an epoch, as Habana stepped at the epoch's last batch). Each micro-batch's loss is
+    scaled by ``world_size / (masked frames of all ranks)`` before backward, so after DDP's gradient average
+    the update is the per-masked-frame gradient of the global batch; the micro-batch gradients are averaged
+    (each scaled by ``1 / group size``), so 2 x 175 s equals 1 x 350 s (Habana's recipe summed them), and DDP
+    all-reduces only after the last one. An update with a non-finite loss on any rank, or a non-finite
+    gradient norm, is skipped on every rank (so DDP stays in step) and counted. Randomness (masks, dropout,
+    layer drop) is seeded per (seed, step, micro-batch, rank) and crops per (seed, epoch, update, micro-batch,
+    rank); the train loader resumes mid-epoch, so a run resumed from any checkpoint trains as an
+    uninterrupted one. The datasets are built once; each epoch only re-plans the batches.
     """
 
     def __init__(self, *, model_name: str, feature_grad_mult: Optional[float], num_classes: int, dataset: str,
@@ -45,7 +48,7 @@ class HuBERTPreTrainModule(pl.LightningModule):
                  split_logits: bool = False, optimizer_str: str = "adamw", use_autocast: bool = False,
                  save_1d_ckpt: bool = False, num_workers: int = 10, seed: int = 1337,
                  loss_weights: Tuple[float, float, float] = (1.0, 0.0, 10.0), model_args: Optional[dict] = None,
-                 use_compile: bool = False):
+                 use_compile: bool = False, legacy_weight_norm: bool = False):
         super().__init__()
         self.save_hyperparameters()
         flags = dict(use_conv2d=use_conv2d, use_instancenorm=use_instancenorm, static_indexing=static_indexing,
@@ -73,6 +76,8 @@ class HuBERTPreTrainModule(pl.LightningModule):
         self.stats = {"train": torch.zeros(len(STATS)), "val": torch.zeros(len(STATS))}
         self.skipped_steps = 0
         self._last_step_time: Optional[float] = None
+        self._datasets = {}
+        self._loaders = {}
 
     # ---- optimisation --------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -102,32 +107,54 @@ class HuBERTPreTrainModule(pl.LightningModule):
         row = torch.stack([loss.detach(), count_m, correct_m, count_u, correct_u]).float()
         return loss, row
 
-    def training_step(self, batch, batch_idx):
-        h = self.hparams
-        micro = batch_idx % h.accum_steps
-        torch.manual_seed(hash((h.seed, self.global_step, micro, self.global_rank)) & 0xFFFF_FFFF)
+    def training_step(self, batch: UpdateBatch, batch_idx):
+        if (batch.epoch, batch.position) != (self.current_epoch, batch_idx):
+            raise RuntimeError(f"the loader is at epoch {batch.epoch} update {batch.position}, the training loop at "
+                               f"epoch {self.current_epoch} update {batch_idx}: the data would not resume exactly")
         opt = self.optimizers()
-        loss, row = self._step(batch)
-        audio = batch[2].sum().float() / SAMPLE_RATE
-        local = torch.cat([row, audio[None], torch.isfinite(loss.detach()).float()[None]])
-        gathered = self.all_gather(local).reshape(-1, len(local))  # (world_size, ...)
-        total = gathered.sum(0)
-        if total[-1] < len(gathered):  # some rank's loss is inf/NaN: every rank skips this micro-batch
-            opt.zero_grad(set_to_none=True)
+        totals = self._accumulate(batch.micro_batches, opt)
+        stepped = totals is not None and self._optimizer_step(opt)
+        opt.zero_grad(set_to_none=True)
+        self._loaders["train"].consumed(batch)  # a checkpoint from now on resumes after this update
+        if not stepped:
             self.skipped_steps += 1
             self.log("skipped_steps", float(self.skipped_steps))
             return None
-        self.manual_backward(loss * len(gathered) / total[1] / h.accum_steps)
-        if micro == h.accum_steps - 1 or batch_idx + 1 == self.trainer.num_training_batches:
-            if h.clip_norm is not None:
-                grad_norm = clip_grad_norm(self.model.parameters(), h.clip_norm, h.use_fused_clip, self.device.type)
-                self.log("grad_norm", grad_norm)
-            self.log("lr", opt.param_groups[0]["lr"])
-            opt.step()
-            self.lr_schedulers().step()
-            opt.zero_grad(set_to_none=True)
-        self._log_train(total)
-        return loss.detach()
+        self._log_train(totals)
+        return totals[0] / totals[1]
+
+    def _accumulate(self, micro_batches, opt) -> Optional[Tensor]:
+        """Forward and backward of every micro-batch; their STATS row plus audio seconds, summed over
+        micro-batches and ranks, or None as soon as some rank's loss is not finite (every rank stops there)."""
+        h = self.hparams
+        totals = []
+        for micro, micro_batch in enumerate(micro_batches):
+            torch.manual_seed(hash((h.seed, self.global_step, micro, self.global_rank)) & 0xFFFF_FFFF)
+            with opt.toggle_model(sync_grad=micro == len(micro_batches) - 1):  # DDP all-reduces after the last
+                loss, row = self._step(micro_batch)
+                audio = micro_batch[2].sum().float() / SAMPLE_RATE
+                local = torch.cat([row, audio[None], torch.isfinite(loss.detach()).float()[None]])
+                gathered = self.all_gather(local).reshape(-1, len(local))  # (world_size, ...)
+                total = gathered.sum(0)
+                if total[-1] < len(gathered):
+                    return None
+                self.manual_backward(loss * len(gathered) / total[1] / len(micro_batches))
+            totals.append(total)
+        return torch.stack(totals).sum(0)
+
+    def _optimizer_step(self, opt) -> bool:
+        """Clip, step the optimizer and the LR schedule; no step (False) if the gradient norm is not finite
+        (it is computed from the all-reduced gradients, so every rank decides alike)."""
+        h = self.hparams
+        if h.clip_norm is not None:
+            grad_norm = clip_grad_norm(self.model.parameters(), h.clip_norm, h.use_fused_clip, self.device.type)
+            self.log("grad_norm", grad_norm)
+            if not torch.isfinite(grad_norm):
+                return False
+        self.log("lr", opt.param_groups[0]["lr"])
+        opt.step()
+        self.lr_schedulers().step()
+        return True
 
     def _log_train(self, total: Tensor) -> None:
         """Per-step loss, epoch-to-date loss and accuracies (all global), and audio seconds per second."""
@@ -143,14 +170,14 @@ class HuBERTPreTrainModule(pl.LightningModule):
         self._last_step_time = now
 
     def on_train_epoch_start(self):
-        # Before the epoch's data iterator exists: its worker seeds and crops depend on (seed, epoch) only.
-        torch.manual_seed(hash((self.hparams.seed, -1, self.current_epoch)) & 0xFFFF_FFFF)
         self.stats["train"].zero_()
         self._last_step_time = None
 
     # ---- validation ---------------------------------------------------------------------------------
-    def validation_step(self, batch, batch_idx):
-        _, row = self._step(batch)
+    def validation_step(self, batch: UpdateBatch, batch_idx):
+        # The same masks (and crops) at every validation: val_loss moves only with the model.
+        torch.manual_seed(hash((self.hparams.seed, -1, batch.position, self.global_rank)) & 0xFFFF_FFFF)
+        _, row = self._step(batch.micro_batches[0])
         self.stats["val"] = self.stats["val"].to(row) + torch.where(torch.isfinite(row[0]), row, 0.0)
         return row[0]
 
@@ -166,28 +193,38 @@ class HuBERTPreTrainModule(pl.LightningModule):
         self.log("val_unmasked_accuracy", unmasked_correct / unmasked.clamp_min(1), sync_dist=True)
 
     # ---- data -----------------------------------------------------------------------------------------
-    def _loader(self, subset: str, train: bool) -> DataLoader:
+    def _loader(self, subset: str, train: bool) -> UpdateLoader:
+        """Built once per run (the dataset reads and checks the TSV and the label file). Lightning asks for the
+        loaders every epoch (``reload_dataloaders_every_n_epochs=1``) because reshuffled packing changes the
+        train epoch's length; it gets the same loader, and its persistent workers, with the next epoch planned."""
+        if subset in self._loaders:
+            return self._loaders[subset]
         h = self.hparams
-        dataset = HuBERTDataSet(h.dataset_path, h.dataset, subset, feature_type=h.feature_type)
+        dataset = HuBERTDataSet(h.dataset_path, h.dataset, subset, feature_type=h.feature_type,
+                                num_classes=h.num_classes)
         align = h.align_buckets if train else "none"
         sampler = BucketizeBatchSampler(
             dataset.len_list, num_buckets=h.num_buckets if train else 1000, min_len=MIN_LEN, max_len=MAX_LEN,
             max_token_count=int(h.seconds_per_batch * SAMPLE_RATE), shuffle=train, align_buckets=align,
-            seed=self.current_epoch)
+            seed=h.seed)
         aligner = sampler.gen_bucket_boundary_fn() if align != "none" else None
         if train and h.show_traindataloader_stats and self.global_rank == 0:
             print(format_stats(loader_stats(sampler, dataset.len_list, pad=align != "none", aligner=aligner)))
         batches = DistributedBatchSampler(sampler, num_replicas=self.trainer.world_size, rank=self.global_rank,
-                                          shuffle=train and not h.all_deterministic)
-        batches.set_epoch(self.current_epoch)
+                                          shuffle=train and not h.all_deterministic, seed=h.seed)
         collate = CollateFnHubert(h.feature_type, pad=align != "none", rand_crop=True, aligner=aligner)
-        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=h.num_workers,
-                          persistent_workers=False, pin_memory=self.device.type == "cuda")
+        loader = UpdateLoader(dataset, batches, collate, accumulate=h.accum_steps if train else 1, seed=h.seed,
+                              rank=self.global_rank, num_workers=h.num_workers,
+                              pin_memory=self.device.type == "cuda")
+        self._datasets[subset], self._loaders[subset] = dataset, loader
+        return loader
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+    def train_dataloader(self) -> UpdateLoader:
+        loader = self._loader("train", train=True)
+        loader.start_epoch(self.current_epoch)
+        return loader
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> UpdateLoader:
         return self._loader("valid", train=False)
 
     # ---- checkpoints ----------------------------------------------------------------------------------
@@ -196,17 +233,23 @@ class HuBERTPreTrainModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Store the model config (the checkpoint rebuilds its model alone); ``save_1d_ckpt`` writes the
-        conv weights and their Adam moments in the conv1d layout (the live state is not touched)."""
+        conv weights and their Adam moments in the conv1d layout, ``legacy_weight_norm`` torchaudio 2.0's
+        weight-norm names (the live state is not touched)."""
         checkpoint["hubert_config"] = self.model.config
+        checkpoint["skipped_steps"] = self.skipped_steps
         if self.hparams.save_1d_ckpt:
             checkpoint["state_dict"] = convert_conv_layout(checkpoint["state_dict"], use_conv2d=False)
             checkpoint["optimizer_states"] = [convert_optimizer_state(s, self._param_names(), use_conv2d=False)
                                               for s in checkpoint["optimizer_states"]]
+        if self.hparams.legacy_weight_norm:
+            checkpoint["state_dict"] = convert_weight_norm(checkpoint["state_dict"], legacy=True)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Any conv layout resumes any run: convert to this model's."""
+        """Any conv layout and either weight-norm naming resumes any run: convert to this model's."""
+        self.skipped_steps = checkpoint.get("skipped_steps", 0)
         use_conv2d = self.hparams.use_conv2d
-        checkpoint["state_dict"] = convert_conv_layout(checkpoint["state_dict"], use_conv2d)
+        state_dict = convert_weight_norm(checkpoint["state_dict"], legacy=False)
+        checkpoint["state_dict"] = convert_conv_layout(state_dict, use_conv2d)
         checkpoint["optimizer_states"] = [convert_optimizer_state(s, self._param_names(), use_conv2d)
                                           for s in checkpoint.get("optimizer_states", [])]
 

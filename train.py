@@ -8,20 +8,22 @@
 import argparse
 import ast
 import logging
-import os
 import re
-import time
 from pathlib import Path
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.utilities import rank_zero_info
 
-from lightning import HuBERTPreTrainModule, checkpoint_dir
+from dataset import BucketAligner, bucket_boundaries
+from lightning import MAX_LEN, MIN_LEN, SAMPLE_RATE, HuBERTPreTrainModule, checkpoint_dir
 from model import FACTORIES
+from utils.callbacks import CheckpointKeeper, TrainStatCallback
 from utils.checkpoint import load_checkpoint
-from utils.device import check_devices, hpu_accelerator_and_strategy, set_hpu_autocast_lists
+from utils.device import (PRECISIONS, apply_precision, check_devices, hpu_accelerator_and_strategy,
+                          resolve_precision, set_hpu_autocast_lists)
+from utils.launch import default_num_nodes, launched_processes
 
 SCRIPT_DIR = Path(__file__).resolve().parent
 
@@ -100,12 +102,14 @@ def parse_args(argv=None):
     a("--debug", action="store_true", help="debug logging")
     a("--check-val-every-n-epoch", type=int, default=1)
     a("--val-check-interval", type=int, default=None,
-      help="validate every N updates instead of every --check-val-every-n-epoch epochs")
+      help="validate (and checkpoint) every N updates instead of every --check-val-every-n-epoch epochs")
     a("--num-sanity-val-steps", type=int, default=0)
     a("--align-buckets", choices=["none", "bucket1", "bucket2"], default="none",
       help="pad batches to bucket boundaries (bucket1: also in the batch budget)")
     a("--num-buckets", type=int, default=1000, help="length buckets of the train sampler")
-    a("--accumulate-grad-batches", type=int, default=1, help="micro-batches per optimizer update (averaged)")
+    a("--accumulate-grad-batches", type=int, default=1,
+      help="micro-batches per optimizer update (gradients averaged: Habana summed, so its clip 10 is --clip-norm 5 "
+           "with 2)")
     a("--use-conv2d", action="store_true", help="conv2d feature extractor")
     a("--use-instancenorm", action="store_true", help="InstanceNorm instead of GroupNorm")
     a("--all-deterministic", action="store_true", help="all dropouts 0, no batch-order shuffle across ranks")
@@ -117,6 +121,11 @@ def parse_args(argv=None):
     a("--recompilation-optimization", action="store_true", help="HPU graph break per layer with layer drop")
     a("--split-logits", action="store_true", help="class matmul in two chunks (less memory)")
     a("--save-1d-ckpt", action="store_true", help="write conv weights in the conv1d layout")
+    a("--legacy-weight-norm", action="store_true",
+      help="write the positional conv's weight norm as weight_g/weight_v (torchaudio 2.0, Habana's scripts)")
+    a("--save-top-k", type=int, default=5, help="checkpoints kept for the lowest val_loss, and for train_loss")
+    a("--precision", choices=PRECISIONS, default="auto",
+      help="auto: bf16 autocast + TF32 on --gpus; on --hpus and CPU bf16 only with --autocast (upstream)")
     a("--autocast", dest="use_autocast", action="store_true", help="bf16 autocast (HPU op lists, CUDA, CPU)")
     a("--autocast-bf16", default="ops_bf16_hubert.txt", help="HPU bf16 op list, relative to this script")
     a("--autocast-fp32", default="ops_fp32_hubert.txt", help="HPU fp32 op list, relative to this script")
@@ -134,93 +143,70 @@ def parse_args(argv=None):
     for name, value in {**UPSTREAM_DEFAULTS, **RECIPES.get(args.model_name, {})}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.gpus > -1 and args.hpus > -1:
-        p.error("use either --gpus or --hpus, not both")
-    if not 0 < args.warmup_updates < args.max_updates:
-        p.error(f"need 0 < --warmup-updates ({args.warmup_updates}) < --max-updates ({args.max_updates})")
-    if args.seconds_per_batch * 16000 < 250000:
-        p.error(f"--seconds-per-batch {args.seconds_per_batch} is below 15.625 s, the longest training utterance "
-                "(250000 samples): every batch must be able to hold one")
+    problem = check_args(args)
+    if problem:
+        p.error(problem)
     if args.all_static:
         args.static_logit_generator = args.static_indexing = args.static_layerdrop = True
     return args
 
 
-def accelerator_and_strategy(args):
+def check_args(args) -> str:
+    """The first flag combination that would fail later (or train nonsense), or ''."""
+    at_least = {"--accumulate-grad-batches": (args.accumulate_grad_batches, 1), "--num-buckets": (args.num_buckets, 1),
+                "--val-check-interval": (args.val_check_interval, 1), "--num-workers": (args.num_workers, 0),
+                "--check-val-every-n-epoch": (args.check_val_every_n_epoch, 1), "--save-top-k": (args.save_top_k, 0),
+                "--log-every-n-steps": (args.log_every_n_steps, 1), "--num-nodes": (args.num_nodes, 1)}
+    for flag, (value, low) in at_least.items():
+        if value is not None and value < low:
+            return f"{flag} must be at least {low}, got {value}"
+    if args.gpus == 0 or args.hpus == 0 or args.devices < 1:
+        return "--gpus, --hpus and --devices count devices per node: give at least 1"
+    if args.gpus > -1 and args.hpus > -1:
+        return "use either --gpus or --hpus, not both"
+    if not 0 < args.warmup_updates < args.max_updates:
+        return f"need 0 < --warmup-updates ({args.warmup_updates}) < --max-updates ({args.max_updates})"
+    if not args.clip_norm > 0:
+        return f"--clip-norm must be positive, got {args.clip_norm}"
+    if args.precision == "fp32" and args.use_autocast:
+        return "--autocast asks for bf16 autocast and --precision fp32 for none: give one of them"
+    longest, what = MAX_LEN, "the longest training utterance"
+    if args.align_buckets == "bucket1":  # the batch budget counts every utterance at its bucket-aligned length
+        longest = BucketAligner(tuple(bucket_boundaries(args.num_buckets, MIN_LEN, MAX_LEN).tolist()))(MAX_LEN)
+        what = f"what --align-buckets bucket1 with {args.num_buckets} buckets counts the longest utterance as"
+    if args.seconds_per_batch * SAMPLE_RATE < longest:
+        return (f"--seconds-per-batch {args.seconds_per_batch:g} is below {longest / SAMPLE_RATE:g} s ({longest} "
+                f"samples), {what}: every batch must be able to hold one")
+    return ""
+
+
+def check_dataset_path(args) -> None:
+    """preprocess.py's files must be there (named when not), before anything is built."""
+    missing = [rel for split in ("train", "valid")
+               for rel in (f"tsv/{args.dataset}_{split}.tsv", f"label/label_{split}.pt")
+               if not (args.dataset_path / rel).is_file()]
+    if missing:
+        raise SystemExit(f"train.py: error: --dataset-path {args.dataset_path} lacks {', '.join(missing)}; "
+                         "it is the <exp-dir>/data/<feature>/ folder that preprocess.py writes")
+
+
+def accelerator_name(args) -> str:
+    return "hpu" if args.hpus > -1 else "gpu" if args.gpus > -1 else args.accelerator
+
+
+def accelerator_and_strategy(args, num_nodes: int):
     """(accelerator, devices, strategy) for the Trainer, checking the device exists."""
     layer_drop_unused = not (args.no_layerdrop or args.static_layerdrop)  # a dropped layer gets no gradient
     if args.hpus > -1:
         check_devices("hpu", args.hpus)
         accelerator, strategy = hpu_accelerator_and_strategy(
-            args.hpus, args.num_nodes or 1, single=args.dist_dataset == 0, find_unused_parameters=layer_drop_unused)
+            args.hpus, num_nodes, single=args.dist_dataset == 0, find_unused_parameters=layer_drop_unused)
         return accelerator, args.hpus, strategy
-    accelerator, devices = ("gpu", args.gpus) if args.gpus > -1 else (args.accelerator, args.devices)
+    accelerator, devices = accelerator_name(args), (args.gpus if args.gpus > -1 else args.devices)
     check_devices(accelerator, devices)
-    if devices > 1 or (args.num_nodes or 1) > 1 or _launched_distributed():
+    if devices > 1 or num_nodes > 1 or launched_processes() > 1:
         return accelerator, devices, DDPStrategy(find_unused_parameters=layer_drop_unused)
     return accelerator, devices, "auto"
-
-
-def _launched_distributed() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def default_num_nodes() -> int:
-    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, world // max(1, local))
-
-
-class TrainStatCallback(pl.Callback):
-    """Rank 0 prints epoch, train and validation times (timing starts after ``skip_steps`` updates) and a
-    summary line at the end; the final state is saved as last.ckpt."""
-
-    def __init__(self, skip_steps: int, last_ckpt: Path):
-        self.skip_steps = skip_steps
-        self.last_ckpt = last_ckpt
-        self.fit_start = self.epoch_start = self.val_start = 0.0
-        self.timed_start = None
-
-    def on_fit_start(self, trainer, pl_module):
-        self.fit_start = time.perf_counter()
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        self.epoch_start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.timed_start is None and trainer.global_step >= self.skip_steps:
-            self.timed_start = (time.perf_counter(), trainer.global_step)
-
-    def on_validation_epoch_start(self, trainer, pl_module):
-        self.val_start = time.perf_counter()
-
-    def on_validation_epoch_end(self, trainer, pl_module):
-        if trainer.is_global_zero and not trainer.sanity_checking:
-            print(f"epoch {trainer.current_epoch}: validation {time.perf_counter() - self.val_start:.1f} s")
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.is_global_zero:
-            print(f"epoch {trainer.current_epoch}: {time.perf_counter() - self.epoch_start:.1f} s, "
-                  f"global step {trainer.global_step}")
-
-    def on_train_end(self, trainer, pl_module):
-        """Training usually stops mid-epoch (at --max-updates), after the last checkpoint: keep the final
-        state as last.ckpt too."""
-        trainer.save_checkpoint(self.last_ckpt)
-
-    def on_fit_end(self, trainer, pl_module):
-        if not trainer.is_global_zero:
-            return
-        total = time.perf_counter() - self.fit_start
-        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        rate = ""
-        if self.timed_start is not None and trainer.global_step > self.timed_start[1]:
-            t0, s0 = self.timed_start
-            rate = f", {(time.perf_counter() - t0) / (trainer.global_step - s0):.2f} s/update after warm-up"
-        print(f"done: {trainer.global_step} updates in {total / 60:.1f} min{rate}; "
-              f"train_loss {m.get('train_loss', float('nan')):.3f}, "
-              f"val_loss {m.get('val_loss', float('nan')):.3f}, "
-              f"val masked accuracy {m.get('val_masked_accuracy', float('nan')):.3f}, "
-              f"skipped steps {pl_module.skipped_steps}")
 
 
 def build(args):
@@ -231,22 +217,24 @@ def build(args):
         except (OSError, ValueError) as e:
             raise SystemExit(f"train.py: error: --resume-checkpoint: {e}")
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO)
-    if args.use_autocast and args.hpus > -1:  # before anything imports habana_frameworks
+    precision = resolve_precision(args.precision, accelerator_name(args), args.use_autocast)
+    if precision.autocast and args.hpus > -1:  # before anything imports habana_frameworks
         set_hpu_autocast_lists(str(SCRIPT_DIR / args.autocast_bf16), str(SCRIPT_DIR / args.autocast_fp32))
     pl.seed_everything(args.seed, workers=True)
-    accelerator, devices, strategy = accelerator_and_strategy(args)
+    num_nodes = args.num_nodes or default_num_nodes()
+    accelerator, devices, strategy = accelerator_and_strategy(args, num_nodes)
+    check_dataset_path(args)
+    apply_precision(precision, accelerator_name(args))
+    rank_zero_info(f"precision: {precision.describe(accelerator_name(args))} "
+                   f"({devices} {accelerator_name(args).upper()} x {num_nodes} node(s))")
     ckpt_dir = checkpoint_dir(args.exp_dir, args.dataset, args.model_name)
-    callbacks = [
-        ModelCheckpoint(ckpt_dir, monitor="val_loss", mode="min", save_top_k=5, save_last=True, verbose=True),
-        ModelCheckpoint(ckpt_dir, monitor="train_loss", mode="min", save_top_k=5, verbose=True),
-        TrainStatCallback(args.skip_steps, ckpt_dir / "last.ckpt"),
-    ]
+    callbacks = [CheckpointKeeper(ckpt_dir, args.save_top_k), TrainStatCallback(args.skip_steps)]
     tensorboard = TensorBoardLogger(args.exp_dir, name="lightning_logs")
     loggers = [tensorboard, CSVLogger(args.exp_dir, name="lightning_logs", version=tensorboard.version)]
     trainer = pl.Trainer(
-        default_root_dir=args.exp_dir, max_steps=args.max_updates, num_nodes=args.num_nodes or default_num_nodes(),
+        default_root_dir=args.exp_dir, max_steps=args.max_updates, num_nodes=num_nodes,
         accelerator=accelerator, devices=devices, strategy=strategy, use_distributed_sampler=False,
-        callbacks=callbacks, logger=loggers, reload_dataloaders_every_n_epochs=1,
+        callbacks=callbacks, logger=loggers, enable_checkpointing=False, reload_dataloaders_every_n_epochs=1,
         check_val_every_n_epoch=None if args.val_check_interval else args.check_val_every_n_epoch,
         val_check_interval=args.val_check_interval, num_sanity_val_steps=args.num_sanity_val_steps,
         log_every_n_steps=args.log_every_n_steps,
@@ -264,10 +252,10 @@ def build(args):
         no_layerdrop=args.no_layerdrop, use_fused_clip=args.use_fused_clip,
         use_max_sub_softmax_opt=args.use_max_sub_softmax_opt,
         recompilation_optimization=args.recompilation_optimization, split_logits=args.split_logits,
-        optimizer_str=args.optimizer, use_autocast=args.use_autocast, save_1d_ckpt=args.save_1d_ckpt,
+        optimizer_str=args.optimizer, use_autocast=precision.autocast, save_1d_ckpt=args.save_1d_ckpt,
         num_workers=args.num_workers, seed=args.seed,
         loss_weights=(args.masked_weight, args.unmasked_weight, args.feature_weight),
-        model_args=dict(args.model_arg), use_compile=args.compile,
+        model_args=dict(args.model_arg), use_compile=args.compile, legacy_weight_norm=args.legacy_weight_norm,
     )
     return trainer, module
 

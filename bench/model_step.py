@@ -31,14 +31,21 @@ def add_step_args(p: argparse.ArgumentParser):
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast")
+    p.add_argument("--pad-from", type=float, default=None, metavar="SECONDS",
+                   help="utterance lengths spread over [SECONDS, --seconds), zero-padded to --seconds (e.g. 14.26 "
+                        "with --seconds 15.6250625: the top bucket of --align-buckets bucket1 with 10 buckets)")
 
 
-def make_batch(num_classes, batch_size, seconds, device):
-    """Random audio of equal lengths (no padding, so every variant does the same useful work)."""
+def make_batch(num_classes, batch_size, seconds, device, pad_from=None):
+    """Random audio of equal lengths (no padding, so every variant does the same useful work), or with
+    ``pad_from`` lengths spread evenly over [pad_from, seconds) s and zero padding up to ``seconds``."""
     n = int(seconds * 16000)
     frames = (n - 400) // 320 + 1
-    batch = (torch.randn(batch_size, n), torch.randint(0, num_classes, (batch_size, frames)),
-             torch.full((batch_size,), n))
+    lengths = torch.full((batch_size,), n)
+    if pad_from is not None:
+        lengths = torch.linspace(pad_from * 16000, n - 1, batch_size).long()
+    waveforms = torch.randn(batch_size, n) * (torch.arange(n) < lengths[:, None])
+    batch = (waveforms, torch.randint(0, num_classes, (batch_size, frames)), lengths)
     return tuple(t.to(device) for t in batch)
 
 
@@ -84,7 +91,7 @@ def main(argv=None):
     ref = reference_model(args.model)
     factory = FACTORIES[f"hubert_pretrain_{args.model}"]
     num_classes = ref.logit_generator.label_embeddings.shape[0]
-    batch = make_batch(num_classes, args.batch_size, args.seconds, device)
+    batch = make_batch(num_classes, args.batch_size, args.seconds, device, args.pad_from)
 
     variants = {"torchaudio": (ref, False)}
     for label, flags in (("ours default", {}), ("ours habana flags", HABANA_FLAGS)):
@@ -108,7 +115,7 @@ def main(argv=None):
                 times[label].append(time.perf_counter() - start)
 
     base = statistics.median(times["torchaudio"])
-    audio = args.batch_size * args.seconds
+    audio = float(batch[2].sum()) / 16000
     print(f"\nHuBERT {args.model}, batch {args.batch_size} x {args.seconds:g} s, {args.device}, {args.dtype}, "
           f"{args.threads} threads, median of {args.rounds} rounds")
     print(f"{'variant':<28}{'ms/step':>10}{'audio s/s':>11}{'ratio':>8}")

@@ -9,9 +9,12 @@ One step = forward + loss + backward + clip_grad_norm_(10) + AdamW step, identic
 (one step each per round, same seed per round, so the same masks and layer drops) and the table shows the
 median. MFU = training FLOPs per audio second (``bench/flops.py``, from the architecture) x audio seconds
 per second / peak FLOP/s; printed only when a peak is known (``--peak-tflops``; defaults to 989, H100 SXM
-dense bf16, on CUDA). The compiled row times steady state: its first (compiling) steps are warmup.
+dense bf16, on CUDA). The compiled row times steady state: its first (compiling) steps are warmup. With
+``--pad-from`` the batch is padded as ``--align-buckets bucket1`` pads it, and audio seconds count the
+unpadded audio (padding is work, not data).
 """
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -36,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "fusedadamw"],
                    help="fusedadamw = AdamW(fused=True) off HPU, with the foreach clip")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    p.add_argument("--compile-reference", action="store_true", help="add a torch.compile row of torchaudio's model")
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--peak-tflops", type=float,
                    help=f"device peak for MFU (default {H100_SXM_BF16_TFLOPS:g} on cuda, none on cpu)")
@@ -49,6 +53,9 @@ def build_variants(args, ref, num_classes, counter):
     """label -> (module to call, parameters, static loss?); ours load torchaudio's weights."""
     factory = FACTORIES[f"hubert_pretrain_{args.model}"]
     variants = {"torchaudio": (ref, ref, False)}
+    if args.compile_reference:
+        twin = copy.deepcopy(ref)  # its own weights: every variant steps its own optimizer
+        variants["torchaudio + compile"] = (torch.compile(twin, backend=counter.backend), twin, False)
     for label, flags in (("ours default", {}), ("ours habana flags", HABANA_FLAGS)):
         model = factory(num_classes=num_classes, **flags)
         model.load_state_dict(convert_conv_layout(ref.state_dict(), flags.get("use_conv2d", False)))
@@ -97,7 +104,7 @@ def main(argv=None):
     torch.manual_seed(0)
     ref = reference_model(args.model)
     num_classes = ref.logit_generator.label_embeddings.shape[0]
-    batch = make_batch(num_classes, args.batch_size, args.seconds, device)
+    batch = make_batch(num_classes, args.batch_size, args.seconds, device, args.pad_from)
     counter = CompileCounter(args.compile_backend)
     steps = {}
     for label, (call, model, static) in build_variants(args, ref, num_classes, counter).items():
@@ -117,7 +124,7 @@ def main(argv=None):
 
     config = FACTORIES[f"hubert_pretrain_{args.model}"](num_classes=num_classes).config
     flops = flops_per_audio_second(config, batch[0].shape[1])
-    audio = args.batch_size * args.seconds
+    audio = float(batch[2].sum()) / 16000  # unpadded
     base = statistics.median(times["torchaudio"])
     print(f"\nHuBERT {args.model}, batch {args.batch_size} x {args.seconds:g} s, {args.device}, {args.dtype}, "
           f"{args.optimizer}, {args.threads} threads, median of {args.rounds} rounds; "

@@ -72,10 +72,12 @@ class HuBERTDataSet(Dataset):
     No length filtering or sorting here: ``len_list`` feeds the sampler, which does both. With
     ``feature_type`` given, every label line is checked against its audio length at construction, so a
     label file from the wrong step or iteration fails before training rather than silently misaligning.
+    With ``num_classes`` given, labels must lie in ``[0, num_classes)``: the first lines are checked at
+    construction (labels of a k-means with more clusters show up at once), every item when it is loaded.
     """
 
     def __init__(self, exp_dir: Union[str, Path], dataset: str, subset: str,
-                 feature_type: Optional[str] = None) -> None:
+                 feature_type: Optional[str] = None, num_classes: Optional[int] = None) -> None:
         exp_dir = Path(exp_dir)
         self.tsv_path = exp_dir / "tsv" / f"{dataset}_{subset}.tsv"
         self.label_path = exp_dir / "label" / f"label_{subset}.pt"
@@ -86,6 +88,10 @@ class HuBERTDataSet(Dataset):
                              f"lists {len(self.f_list)} utterances; labels must be made from this TSV")
         if feature_type is not None:
             self._check_label_counts(feature_type)
+        self.num_classes = num_classes
+        if num_classes is not None:
+            for i in range(min(len(self._label_span), 100)):
+                self._load_label(i)
 
     def __len__(self) -> int:
         return len(self.f_list)
@@ -119,23 +125,28 @@ class HuBERTDataSet(Dataset):
 
     def _load_label(self, index: int) -> Tensor:
         try:
-            return torch.from_numpy(np.array(self._label_bytes(index).split(), dtype=np.int64))
+            label = np.array(self._label_bytes(index).split(), dtype=np.int64)
         except ValueError as e:
             raise ValueError(f"{self.label_path}:{index + 1}: not a line of integer labels ({e})") from None
+        if self.num_classes is not None and len(label) and not 0 <= label.min() <= label.max() < self.num_classes:
+            bad = label.max() if label.max() >= self.num_classes else label.min()
+            raise ValueError(f"{self.label_path}:{index + 1}: label {bad} is outside [0, {self.num_classes}); "
+                             f"--num-classes must be the k-means cluster count of these labels")
+        return torch.from_numpy(label)
 
     def __getitem__(self, index: int) -> Tuple[Tensor, Tensor, int]:
         waveform = self._load_audio(index)
         return waveform, self._load_label(index), waveform.shape[1]
 
 
-def _crop_audio_label(waveform: Tensor, label: Tensor, crop_len: int,
-                      rand_crop: bool) -> Tuple[Tensor, Tensor, int]:
+def _crop_audio_label(waveform: Tensor, label: Tensor, crop_len: int, rand_crop: bool,
+                      generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, int]:
     """Cut ``crop_len`` samples (a random window if ``rand_crop``) and the labels of the model frames
     that overlap it: label_offset is the first frame that ends after the crop start."""
     w = waveform[0]
     frame_offset = 0
     if len(w) > crop_len and rand_crop:
-        frame_offset = int(torch.randint(len(w) - crop_len, size=(1,)))
+        frame_offset = int(torch.randint(len(w) - crop_len, size=(1,), generator=generator))
     elif len(w) < crop_len:
         crop_len = len(w)  # pad mode: shorter samples keep their length and get zero padding
     label_offset = max((frame_offset - KERNEL) // STRIDE + 1, 0)
@@ -152,7 +163,8 @@ class CollateFnHubert:
     ``pad=True`` zero-pads to the longest. With an ``aligner`` (Habana bucket alignment) the batch is
     padded further to ``aligner(T)`` samples and ``floor((aligner(T)-400)/320)+1`` label columns, so
     waveform shapes come from a small fixed set. MFCC labels (100 Hz) are downsampled by 2 to the model's
-    50 Hz. Cropping draws from the global torch RNG, so ``seed_everything`` makes it reproducible.
+    50 Hz. Cropping draws from ``generator`` when one is passed (training: one seeded per micro-batch
+    position, so crops do not depend on which worker loaded the batch), else from the global torch RNG.
     """
 
     def __init__(self, feature_type: str, pad: bool = False, rand_crop: bool = True,
@@ -163,7 +175,8 @@ class CollateFnHubert:
         self.rand_crop = rand_crop
         self.aligner = aligner
 
-    def __call__(self, batch: List[Tuple[Tensor, Tensor, int]]) -> Tuple[Tensor, Tensor, Tensor]:
+    def __call__(self, batch: List[Tuple[Tensor, Tensor, int]],
+                 generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, Tensor]:
         sizes = [sample[0].shape[1] for sample in batch]
         target = max(sizes) if self.pad else min(sizes)
         aligned = None
@@ -176,7 +189,7 @@ class CollateFnHubert:
             self._check_label(i, label, waveform.shape[1])
             if self.feature_type == "mfcc":
                 label = label[::2]
-            waveform, label, length = _crop_audio_label(waveform, label, target, self.rand_crop)
+            waveform, label, length = _crop_audio_label(waveform, label, target, self.rand_crop, generator)
             waveforms.append(waveform)
             labels.append(label)
             lengths.append(length)

@@ -47,7 +47,9 @@ class BucketizeBatchSampler(Sampler[List[int]]):
     reproducibility), and packed in bucket order; a batch may span two adjacent buckets. With
     ``align_buckets='bucket1'`` a sample costs its bucket-aligned length, so the padded batch the aligned
     collate builds stays within budget; ``'bucket2'`` aligns only in the collate (parity runs). The batch
-    list is built once here: make a new sampler per epoch (``reload_dataloaders_every_n_epochs=1``).
+    list is built here for epoch 0 and again by ``set_epoch`` (seed ``seed + epoch``; torchaudio made a new
+    sampler seeded with the epoch every epoch). Reshuffled packing changes the batch count a little from
+    epoch to epoch.
     """
 
     def __init__(self, lengths: Sequence[int], num_buckets: int, min_len: int = 0, max_len: Optional[int] = None,
@@ -77,9 +79,18 @@ class BucketizeBatchSampler(Sampler[List[int]]):
         self.drop_last = drop_last
         self.align_buckets = align_buckets
         self.seed = seed
+        self.epoch = 0
         self.boundaries = bucket_boundaries(num_buckets, min_len, max_len)
         self.buckets = self._get_buckets()
-        self.iter_list = self._pack(self._costs())
+        self.costs = self._costs()
+        self.iter_list = self._pack()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Re-pack the batches with the within-bucket shuffle of ``epoch`` (nothing changes without shuffle)."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            if self.shuffle:
+                self.iter_list = self._pack()
 
     def gen_bucket_boundary_fn(self) -> BucketAligner:
         """The aligner for ``CollateFnHubert(pad=True, aligner=...)`` (Habana's name)."""
@@ -105,9 +116,10 @@ class BucketizeBatchSampler(Sampler[List[int]]):
                              f"{costs.max()}, more than max_token_count={self.max_token_count}")
         return costs
 
-    def _pack(self, costs: np.ndarray) -> List[List[int]]:
+    def _pack(self) -> List[List[int]]:
+        costs = self.costs
         budget = self.max_token_count if self.max_token_count is not None else self.batch_size
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
         batches, batch, total = [], [], 0
         for positions in self.buckets.values():
             if self.shuffle:
@@ -133,10 +145,10 @@ class DistributedBatchSampler(Sampler[List[int]]):
     """Deals the batches of ``batch_sampler`` round-robin to ``num_replicas`` ranks.
 
     With ``shuffle`` the batch order is permuted by a generator seeded with ``seed + epoch``, so
-    ``set_epoch`` reshuffles and the same epoch repeats. Without ``drop_last`` the list is padded (by
-    repeating batches from its start) to the next multiple of ``num_replicas`` only; upstream added a
-    full extra round when it was already a multiple. World size and rank default to torch.distributed's,
-    or to a single process when it is not initialised.
+    ``set_epoch`` reshuffles (and passes the epoch on to ``batch_sampler``) and the same epoch repeats.
+    Without ``drop_last`` the list is padded (by repeating batches from its start) to the next multiple of
+    ``num_replicas`` only; upstream added a full extra round when it was already a multiple. World size and
+    rank default to torch.distributed's, or to a single process when it is not initialised.
     """
 
     def __init__(self, batch_sampler: Sampler[List[int]], num_replicas: Optional[int] = None,
@@ -155,21 +167,31 @@ class DistributedBatchSampler(Sampler[List[int]]):
         self.seed = seed
         self.drop_last = drop_last
         self.epoch = 0
-        num_batches = len(batch_sampler)
-        self.num_samples = num_batches // num_replicas if drop_last else math.ceil(num_batches / num_replicas)
-        self.total_size = self.num_samples * num_replicas
+
+    @property
+    def num_samples(self) -> int:
+        """Batches per rank this epoch (the inner sampler's count can change with the epoch)."""
+        num_batches = len(self.batch_sampler)
+        return num_batches // self.num_replicas if self.drop_last else math.ceil(num_batches / self.num_replicas)
+
+    @property
+    def total_size(self) -> int:
+        return self.num_samples * self.num_replicas
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if hasattr(self.batch_sampler, "set_epoch"):
+            self.batch_sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[List[int]]:
         batches = list(self.batch_sampler)
+        total_size = self.total_size
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-        while len(batches) < self.total_size:  # cyclic, so even fewer batches than ranks get padded
-            batches += batches[:self.total_size - len(batches)]
-        return iter(batches[self.rank:self.total_size:self.num_replicas])
+        while len(batches) < total_size:  # cyclic, so even fewer batches than ranks get padded
+            batches += batches[:total_size - len(batches)]
+        return iter(batches[self.rank:total_size:self.num_replicas])
 
     def __len__(self) -> int:
         return self.num_samples

@@ -177,7 +177,8 @@ class EncoderLayer(nn.Module):
 class Transformer(nn.Module):
     """Positional conv, optional first LN, dropout, then the layers with layer drop.
 
-    Layer drop draws one ``torch.rand(1)`` per layer in training, as upstream. With ``static_layerdrop``
+    In training every layer draws one ``torch.rand(1)``, also without layer drop (Large, X-Large,
+    ``no_layerdrop``), as torchaudio does, so a seed gives torchaudio's random numbers. With ``static_layerdrop``
     every layer is computed and a dropped one is undone with ``torch.where`` (one graph for every drop
     pattern; dropped layers get zero gradients instead of none).
     """
@@ -202,7 +203,8 @@ class Transformer(nn.Module):
         x = self._preprocess(x)
         drop_layers = self.training and self.layer_drop > 0
         for layer in self.layers:
-            dropped = drop_layers and torch.rand(1).item() <= self.layer_drop
+            draw = torch.rand(1) if self.training else None
+            dropped = drop_layers and draw.item() <= self.layer_drop
             if self.static_layerdrop and drop_layers:
                 y = layer(x, attention_mask)
                 x = torch.where(torch.tensor(dropped, device=x.device), x, y)

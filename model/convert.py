@@ -1,5 +1,6 @@
-"""State-dict conversions: conv2d <-> conv1d extractor layout (spec §6.1, §6.9) and rebuilding a model
-from a bare state dict.
+"""State-dict conversions: conv2d <-> conv1d extractor layout (spec §6.1, §6.9), the positional conv's
+weight-norm names of torchaudio >= 2.1 <-> torchaudio 2.0 (Habana's base), and rebuilding a model from a
+bare state dict.
 
 All functions return new dicts and leave their input alone (Habana's helpers reshaped tensors in place,
 which also reshaped the live optimizer state while a checkpoint was being written).
@@ -33,6 +34,24 @@ def convert_conv_layout(state_dict: Dict[str, Tensor], use_conv2d: bool) -> Dict
     """Extractor conv weights as ``(C_out, C_in, 1, k)`` (``use_conv2d``) or ``(C_out, C_in, k)``; any key
     prefix (``model.`` in Lightning checkpoints) is kept."""
     return {k: _conv_layout(v, use_conv2d) if is_conv_weight(k) else v for k, v in state_dict.items()}
+
+
+# The positional conv's weight norm: a parametrization since torchaudio 2.1 (ours), ``nn.utils.weight_norm``
+# in torchaudio 2.0.1 and Habana's model. Same tensors (g, v), other names.
+_WEIGHT_NORM = {"parametrizations.weight.original0": "weight_g", "parametrizations.weight.original1": "weight_v"}
+_POS_CONV = "encoder.transformer.pos_conv_embed.conv."
+
+
+def convert_weight_norm(state_dict: Dict[str, Tensor], legacy: bool) -> Dict[str, Tensor]:
+    """Positional-conv weight-norm keys as torchaudio 2.0 and Habana's scripts name them (``legacy``:
+    ``weight_g`` / ``weight_v``) or as ours and torchaudio >= 2.1 do (``parametrizations.weight.original0/1``);
+    other keys, and any key prefix, are kept."""
+    renames = {v: k for k, v in _WEIGHT_NORM.items()} if not legacy else _WEIGHT_NORM
+    out = {}
+    for key, value in state_dict.items():
+        head, sep, tail = key.rpartition(_POS_CONV)
+        out[head + sep + renames.get(tail, tail) if sep else key] = value
+    return out
 
 
 def convert_optimizer_state(optimizer_state: dict, param_names: List[str], use_conv2d: bool) -> dict:
@@ -90,5 +109,5 @@ def model_from_state_dict(state_dict: Dict[str, Tensor], config: Optional[dict] 
         num_classes = state_dict["logit_generator.label_embeddings"].shape[0]
         model = FACTORIES[infer_arch(state_dict)](**{"num_classes": num_classes, **overrides})
     use_conv2d = model.config["use_conv2d"]
-    model.load_state_dict(convert_conv_layout(state_dict, use_conv2d))
+    model.load_state_dict(convert_conv_layout(convert_weight_norm(state_dict, legacy=False), use_conv2d))
     return model

@@ -1,4 +1,8 @@
-"""The bench scripts run end to end at tiny sizes and print their tables (a few seconds each)."""
+"""The bench scripts run end to end at tiny sizes and print their tables (seconds each; the GPU suite's CPU
+smoke run about 40 CPU-seconds)."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +91,18 @@ def test_real_speech_runs_both_iterations(tmp_path, capsys):
         assert 0 < r["prior_accuracy"] < 1 and r["ratio"] == r["val_masked_accuracy"] / r["prior_accuracy"]
     assert (tmp_path / "run" / "data" / f"hubert_{result['iter1']['best_layer']['layer']}" / "label").is_dir()
     assert (tmp_path / "run" / "results.json").is_file() and (tmp_path / "run" / "curves.png").is_file()
+
+
+def test_gpu_suite_cpu_smoke_prints_every_row(tmp_path):
+    """bench/gpu_suite.sh --cpu-smoke: the GPU suite's every section, reduced, on CPU, through the shell script."""
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh"), "--cpu-smoke", "--workdir", str(tmp_path),
+                           "--out", str(tmp_path / "table.md")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "table.md").read_text()
+    for needle in ["| ceiling | bf16 matmul", "| step | torchaudio (", "| step | torchaudio + compile",
+                   "| step | ours habana + compile", "| train | train.py, 3 updates", "| train | waiting for batches",
+                   "| preprocess | HuBERT layer 2", "| preprocess | whole preprocess.py", "| kmeans | sklearn",
+                   "| kmeans | faiss GPU"]:
+        assert needle in table, needle

@@ -1,10 +1,13 @@
-"""conv2d <-> conv1d conversion of weights and optimizer moments, and rebuilding from a state dict."""
+"""conv2d <-> conv1d conversion of weights and optimizer moments, weight-norm names, and rebuilding from a
+state dict."""
+import warnings
+
 import pytest
 import torch
 
 from model.convert import is_conv_weight
-from model import (convert_conv_layout, convert_optimizer_state, hubert_pretrain_model, hubert_pretrain_tiny,
-                   infer_arch, model_from_state_dict, strip_prefix)
+from model import (convert_conv_layout, convert_optimizer_state, convert_weight_norm, hubert_pretrain_model,
+                   hubert_pretrain_tiny, infer_arch, model_from_state_dict, strip_prefix)
 from tests.test_model import SMALL, make_batch
 
 
@@ -74,3 +77,26 @@ def test_unknown_architecture_is_a_clear_error():
     state = hubert_pretrain_model(**SMALL).state_dict()
     with pytest.raises(ValueError, match="no known HuBERT architecture has 3 layers of width 64"):
         model_from_state_dict(state)
+
+
+def test_legacy_weight_norm_names_load_into_torchaudio_20s_positional_conv():
+    """torchaudio 2.0.1 (and Habana's model) wrap the positional conv in the old ``nn.utils.weight_norm``:
+    ``weight_g`` / ``weight_v``. Our legacy names load into such a conv and give our conv's output; either
+    naming rebuilds our model."""
+    model = hubert_pretrain_tiny()
+    legacy = convert_weight_norm({f"model.{k}": v for k, v in model.state_dict().items()}, legacy=True)
+    prefix = "model.wav2vec2.encoder.transformer.pos_conv_embed.conv."
+    assert {k[len(prefix):] for k in legacy if k.startswith(prefix)} == {"bias", "weight_g", "weight_v"}
+    ours = model.wav2vec2.encoder.transformer.pos_conv_embed.conv
+    old = torch.nn.Conv1d(ours.in_channels, ours.out_channels, ours.kernel_size, padding=ours.padding,
+                          groups=ours.groups)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old API is deprecated, still what 2.0.1 used
+        old = torch.nn.utils.weight_norm(old, name="weight", dim=2)
+    old.load_state_dict({k[len(prefix):]: v for k, v in legacy.items() if k.startswith(prefix)})
+    x = torch.randn(2, ours.in_channels, 50)
+    torch.testing.assert_close(old(x), ours(x), rtol=0, atol=1e-6)
+    rebuilt = model_from_state_dict(strip_prefix(legacy), model.config)
+    for key, value in model.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[key], value), key
+    assert convert_weight_norm(legacy, legacy=False).keys() == {f"model.{k}" for k in model.state_dict()}

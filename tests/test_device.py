@@ -8,8 +8,8 @@ import torch
 import lightning  # our LightningModule file: the name that confuses lightning-habana
 import utils.device
 from tests.test_model import make_batch
-from utils.device import (check_devices, clip_grad_norm, describe_machine, hide_our_lightning_module,
-                          import_lightning_habana, make_optimizer)
+from utils.device import (Precision, check_devices, clip_grad_norm, describe_machine, hide_our_lightning_module,
+                          import_lightning_habana, make_optimizer, resolve_precision)
 
 
 def test_our_lightning_py_is_hidden_from_lightning_habana():
@@ -67,3 +67,28 @@ def test_training_hands_hpu_graph_breaks_into_the_model(monkeypatch, recompilati
     with torch.no_grad():
         module.model.eval()(*batch)
     assert not breaks
+
+
+@pytest.mark.parametrize("choice, accelerator, autocast, expected", [
+    ("auto", "gpu", False, Precision(autocast=True, tf32=True)),  # upstream's GPU runs always used autocast
+    ("auto", "gpu", True, Precision(autocast=True, tf32=True)),
+    ("fp32", "gpu", False, Precision(autocast=False, tf32=False)),
+    ("bf16", "gpu", False, Precision(autocast=True, tf32=True)),
+    ("auto", "hpu", False, Precision(autocast=False)),  # the seed's --hpus runs: --autocast decides
+    ("auto", "hpu", True, Precision(autocast=True)),
+    ("bf16", "hpu", False, Precision(autocast=True)),
+    ("auto", "cpu", False, Precision(autocast=False)),
+    ("auto", "cpu", True, Precision(autocast=True)),
+    ("bf16", "cpu", False, Precision(autocast=True)),
+    ("fp32", "cpu", False, Precision(autocast=False)),
+])
+def test_precision_for_each_device_and_flag(choice, accelerator, autocast, expected):
+    assert resolve_precision(choice, accelerator, autocast) == expected
+
+
+def test_precision_conflicts_and_descriptions():
+    with pytest.raises(ValueError, match="--autocast asks for bf16 autocast, --precision fp32 for none"):
+        resolve_precision("fp32", "gpu", True)
+    assert resolve_precision("auto", "gpu", False).describe("gpu") == "bf16 autocast, TF32 matmuls for the fp32 rest"
+    assert "op lists" in resolve_precision("auto", "hpu", True).describe("hpu")
+    assert resolve_precision("auto", "cpu", False).describe("cpu") == "fp32 (no autocast)"

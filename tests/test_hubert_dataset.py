@@ -190,6 +190,25 @@ def test_crop_uses_the_global_rng():
     assert CollateFnHubert("hubert", rand_crop=False)(batch)[0][:, 0].tolist() == [0, 0, 0, 0]
 
 
+def test_crop_from_a_generator_ignores_the_global_rng():
+    batch = [(torch.arange(n, dtype=torch.float32)[None], torch.arange(expected_num_labels(n, "hubert")), n)
+             for n in [4000, 9000, 20000, 30000]]
+    collate = CollateFnHubert("hubert")
+    torch.manual_seed(1)
+    first = collate(batch, generator=torch.Generator().manual_seed(7))[0]
+    torch.manual_seed(2)
+    assert torch.equal(collate(batch, generator=torch.Generator().manual_seed(7))[0], first)
+    assert not torch.equal(collate(batch, generator=torch.Generator().manual_seed(8))[0], first)
+
+
+def test_labels_outside_num_classes_are_named(tmp_path):
+    exp, _, labels = write_exp_dir(tmp_path)
+    HuBERTDataSet(exp, "librispeech", "train", num_classes=100)
+    top = max(int(lab.max()) for lab in labels)
+    with pytest.raises(ValueError, match=rf"label_train.pt:\d+: label {top} is outside \[0, {top}\); --num-classes"):
+        HuBERTDataSet(exp, "librispeech", "train", num_classes=top)
+
+
 def test_pad_mode_zero_pads_and_reports_true_lengths():
     sizes = [900, 2000, 1500]
     batch = [(torch.full((1, n), 1.0), torch.arange(1, expected_num_labels(n, "hubert") + 1), n) for n in sizes]

@@ -105,6 +105,25 @@ def test_training_forward_matches_torchaudio_draw_for_draw(reference):
         assert_logits_close(a, b)
 
 
+@pytest.mark.parametrize("ours_flags", [{}, {"no_layerdrop": True}], ids=["layer_drop_0", "no_layerdrop"])
+def test_without_layer_drop_the_draws_still_match_torchaudio(ours_flags):
+    """Large and X-Large (layer drop 0) and --no-layerdrop: torchaudio still draws one number per layer in
+    training, so dropout after the first layer only lines up if ours draws them too."""
+    config = {**SMALL, "encoder_layer_drop": 0.0}
+    torch.manual_seed(0)
+    ref = torchaudio.models.hubert_pretrain_model(**config)
+    ours = hubert_pretrain_model(**{**config, "encoder_layer_drop": 0.05} if ours_flags else config, **ours_flags)
+    ours.load_state_dict(ref.state_dict())
+    ref.train(), ours.train()
+    batch = make_batch(20, seed=1)
+    torch.manual_seed(11)
+    expected = ref(*batch)
+    torch.manual_seed(11)
+    got = ours(*batch)
+    for a, b in zip(got[:2], expected[:2]):
+        assert_logits_close(a, b)
+
+
 def test_mask_generator_same_masks_as_torchaudio():
     ref = torchaudio.models.hubert_pretrain_base().mask_generator
     ours = hubert_pretrain_base().mask_generator

@@ -189,3 +189,32 @@ def test_distributed_world_from_torch_distributed(tmp_path):
     finally:
         dist.destroy_process_group()
     pickle.loads(pickle.dumps(s))
+
+
+def test_set_epoch_repacks_with_the_epochs_shuffle():
+    lengths = random_lengths()
+    sampler = BucketizeBatchSampler(lengths, **README, max_token_count=BUDGET, seed=3)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert second != first and sorted(flat(second)) == sorted(flat(first))
+    assert second == list(BucketizeBatchSampler(lengths, **README, max_token_count=BUDGET, seed=4))  # seed + epoch
+    sampler.set_epoch(0)
+    assert list(sampler) == first
+    fixed = BucketizeBatchSampler(lengths, **README, max_token_count=BUDGET, shuffle=False)
+    before = list(fixed)
+    fixed.set_epoch(5)
+    assert list(fixed) == before
+
+
+def test_distributed_set_epoch_reaches_the_inner_sampler_and_its_length():
+    lengths = random_lengths(400)
+    inner = BucketizeBatchSampler(lengths, **README, max_token_count=3 * 16000 * 10, seed=0)
+    counts = set()
+    s = DistributedBatchSampler(inner, num_replicas=3, rank=2, seed=0)
+    for epoch in range(8):
+        s.set_epoch(epoch)
+        assert inner.epoch == epoch
+        assert len(list(s)) == len(s) == math.ceil(len(inner) / 3)
+        counts.add(len(inner))
+    assert len(counts) > 1, "reshuffled packing changes the batch count: the test must see that"

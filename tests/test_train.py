@@ -1,13 +1,16 @@
 """train.py + lightning.py through the real Lightning Trainer on CPU."""
 import csv
+import logging
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 
 import train
@@ -53,11 +56,15 @@ def test_overfitting_one_utterance_lowers_the_loss(tmp_path):
 
 
 def test_resume_continues_step_lr_and_optimizer_exactly(data, tmp_path):
-    """6 updates straight == 3 updates, stop, resume from that checkpoint, 3 more."""
-    common = ["--max-updates", "6", "--warmup-updates", "2", "--seconds-per-batch", "16"]
+    """6 updates straight == 3 updates, stop, resume from that (epoch-end) checkpoint, 3 more. The checkpoints
+    carry torchaudio 2.0's weight-norm names (--legacy-weight-norm), which resume too."""
+    common = ["--max-updates", "6", "--warmup-updates", "2", "--seconds-per-batch", "16", "--legacy-weight-norm"]
     train.main(args_for(data, tmp_path / "straight", *common))
     first = tmp_path / "straight" / "checkpoints_librispeech_hubert_pretrain_tiny" / "epoch=0-step=3.ckpt"
     assert first.exists()
+    keys = load_checkpoint(first)["state_dict"]
+    assert "model.wav2vec2.encoder.transformer.pos_conv_embed.conv.weight_g" in keys
+    assert not any("parametrizations" in k for k in keys)
     trainer, module = train.main(args_for(data, tmp_path / "resumed", *common, "--resume-checkpoint", str(first)))
     assert trainer.global_step == 6
     straight, resumed = load_checkpoint(last_ckpt(tmp_path / "straight")), load_checkpoint(last_ckpt(tmp_path / "resumed"))
@@ -71,11 +78,13 @@ def test_resume_continues_step_lr_and_optimizer_exactly(data, tmp_path):
 
 
 def test_two_process_ddp_over_gloo_ends_with_identical_weights(data, tmp_path):
+    """With 2 micro-batches per update DDP all-reduces after the second only (no_sync before): the ranks
+    still end equal."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
            str(REPO / "tests" / "ddp_worker.py"), str(tmp_path / "weights"),
            *args_for(data, tmp_path / "exp", "--accelerator", "cpu", "--devices", "2", "--max-updates", "3",
-                     "--warmup-updates", "1", "--seconds-per-batch", "16")]
+                     "--warmup-updates", "1", "--seconds-per-batch", "16", "--accumulate-grad-batches", "2")]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"weights.{r}.pt", weights_only=True) for r in (0, 1))
@@ -100,14 +109,17 @@ ITER2 = ("--feature-type hubert --num-class 500 --max-updates 395120 --warmup-up
 
 @pytest.mark.parametrize("command, feature_type, num_classes", [(ITER1, "mfcc", 100), (ITER2, "hubert", 500)],
                          ids=["iteration1", "iteration2"])
-def test_seed_command_lines_run_on_cpu(tmp_path, command, feature_type, num_classes):
+def test_seed_command_lines_run_on_cpu(tmp_path, caplog, command, feature_type, num_classes):
     data = make_prepared_dataset(tmp_path / "d", n_train=4, n_valid=2, feature_type=feature_type,
                                  num_classes=num_classes)
     flags = command.replace("--hpus 8", "--accelerator cpu --devices 1").split()
     argv = ["--dataset-path", str(data), "--exp-dir", str(tmp_path / "exp"), *flags, *TINY,
             "--max-updates", "2", "--warmup-updates", "1", "--seconds-per-batch", "16"]
+    caplog.set_level(logging.INFO)
     trainer, module = train.main(argv)
     assert trainer.global_step == 2 and module.skipped_steps == 0
+    assert module.hparams.use_autocast  # --autocast: bf16 on CPU too
+    assert "precision: bf16 autocast (1 CPU x 1 node(s))" in caplog.text
     model = module.model
     assert model.static_logit_generator and model.logit_generator.split_logits == (feature_type == "hubert")
     assert model.wav2vec2.feature_extractor.conv_layers[0].conv.weight.ndim == 4
@@ -162,3 +174,63 @@ def test_compile_keeps_checkpoint_names_plain(tmp_path):
     assert isinstance(module._forward, torch._dynamo.eval_frame.OptimizedModule)
     assert torch._dynamo.config.recompile_limit >= 64
     assert all(key.startswith("model.") and "_orig_mod" not in key for key in module.state_dict())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--align-buckets", "bucket1", "--num-buckets", "10", "--seconds-per-batch", "15.625"],
+     r"--seconds-per-batch 15.625 is below 15.6251 s \(250001 samples\), what --align-buckets bucket1 with 10 buckets"),
+    (["--seconds-per-batch", "15"], r"below 15.625 s \(250000 samples\), the longest training utterance"),
+    (["--accumulate-grad-batches", "0"], "--accumulate-grad-batches must be at least 1, got 0"),
+    (["--val-check-interval", "0"], "--val-check-interval must be at least 1, got 0"),
+    (["--num-workers", "-1"], "--num-workers must be at least 0"),
+    (["--save-top-k", "-1"], "--save-top-k must be at least 0"),
+    (["--clip-norm", "0"], "--clip-norm must be positive"),
+    (["--gpus", "0"], "give at least 1"),
+    (["--precision", "fp32", "--autocast"], "give one of them"),
+])
+def test_flag_combinations_that_would_fail_later_fail_at_once(capsys, flags, message):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--dataset-path", "x", "--feature-type", "mfcc", "--num-classes", "100", *flags])
+    assert re.search(message, capsys.readouterr().err)
+    train.parse_args(["--dataset-path", "x", "--feature-type", "mfcc", "--num-classes", "100", "--align-buckets",
+                      "bucket1", "--num-buckets", "10", "--seconds-per-batch", "15.6251"])
+
+
+def test_dataset_path_without_preprocess_files_is_named(tmp_path):
+    (tmp_path / "tsv").mkdir()
+    (tmp_path / "tsv" / "librispeech_train.tsv").write_text("/x\n")
+    with pytest.raises(SystemExit, match=r"lacks label/label_train.pt, tsv/librispeech_valid.tsv, label/label_valid"):
+        train.main(["--dataset-path", str(tmp_path), "--feature-type", "mfcc", "--num-classes", "100"])
+
+
+class EpochRecorder(pl.Callback):
+    def __init__(self):
+        self.datasets, self.plans = [], []
+
+    def on_train_epoch_start(self, trainer, module):
+        self.datasets.append(module._datasets["train"])
+        self.plans.append([plan.batches for plan in module._loaders["train"].sampler])
+
+
+def test_datasets_built_once_epochs_reshuffled_and_checkpoints_written_once(data, tmp_path):
+    """Several epochs: one train dataset object, a new batch plan each epoch. Validation every 2 updates
+    with --save-top-k 1: each state is written once, at most the best by val_loss, the best by train_loss
+    and the newest stay, last.ckpt links to the newest, and the final state (update 9) is kept too."""
+    args = train.parse_args(args_for(data, tmp_path / "exp", "--max-updates", "9", "--warmup-updates", "1",
+                                     "--seconds-per-batch", "16", "--val-check-interval", "2", "--save-top-k", "1"))
+    trainer, module = train.build(args)
+    recorder = EpochRecorder()
+    trainer.callbacks.append(recorder)
+    trainer.fit(module)
+    assert len(recorder.plans) >= 3
+    assert all(d is recorder.datasets[0] for d in recorder.datasets)
+    assert all(a != b for a, b in zip(recorder.plans, recorder.plans[1:]))
+    ckpts = last_ckpt(tmp_path / "exp").parent
+    files = sorted(p.name for p in ckpts.iterdir())
+    assert len(files) <= 4 and not [f for f in files if "-v" in f or f.startswith(".")], files
+    assert last_ckpt(tmp_path / "exp").is_symlink()
+    final = load_checkpoint(last_ckpt(tmp_path / "exp"))
+    assert final["global_step"] == 9 and os.readlink(last_ckpt(tmp_path / "exp")).endswith("-step=9.ckpt")
+    keeper = final["callbacks"]["CheckpointKeeper"]
+    assert {name for ranked in keeper["best"].values() for _, name in ranked} | {keeper["newest"]} == set(files) - {
+        "last.ckpt"}

@@ -3,6 +3,7 @@ works and nothing device-specific is needed to import the project."""
 import contextlib
 import os
 import sys
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -60,6 +61,48 @@ def check_devices(accelerator: str, devices: int) -> None:
             f"asked for {devices} {accelerator.upper()}(s), but this machine has {describe_machine()}; "
             f"use {hint} instead"
         )
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How training computes: ``autocast`` = bf16 autocast around forward and loss (weights, gradients and
+    optimizer stay fp32; no loss scaling is needed with bf16); ``tf32`` = TF32 tensor-core matmuls and convs
+    for what stays fp32 (CUDA)."""
+
+    autocast: bool
+    tf32: bool = False
+
+    def describe(self, accelerator: str) -> str:
+        if not self.autocast:
+            return "fp32 (no autocast, no TF32)" if accelerator == "gpu" else "fp32 (no autocast)"
+        if accelerator == "hpu":
+            return "bf16 autocast with the op lists of --autocast-bf16 / --autocast-fp32"
+        return "bf16 autocast" + (", TF32 matmuls for the fp32 rest" if self.tf32 else "")
+
+
+def resolve_precision(choice: str, accelerator: str, autocast: bool) -> Precision:
+    """``--precision`` with the seed's ``--autocast``: ``auto`` is bf16 autocast + TF32 on NVIDIA GPUs (the
+    recipe's GPU runs always used autocast; fp16 + GradScaler upstream, bf16 here), and upstream's behaviour
+    elsewhere: bf16 autocast on HPU and CPU only with ``--autocast``."""
+    if choice not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {PRECISIONS}, got {choice!r}")
+    if choice == "fp32" and autocast:
+        raise ValueError("--autocast asks for bf16 autocast, --precision fp32 for none: give one of them")
+    if choice == "auto":
+        choice = "bf16" if accelerator == "gpu" or autocast else "fp32"
+    bf16 = choice == "bf16"
+    return Precision(autocast=bf16, tf32=bf16 and accelerator == "gpu")
+
+
+def apply_precision(precision: Precision, accelerator: str) -> None:
+    """Set this process's CUDA TF32 switches (matmuls and cuDNN convs) for ``precision``; other devices:
+    nothing to set."""
+    if accelerator == "gpu":
+        torch.set_float32_matmul_precision("high" if precision.tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = precision.tf32
 
 
 def set_hpu_autocast_lists(bf16_file: str, fp32_file: str) -> None:

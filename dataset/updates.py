@@ -1,0 +1,132 @@
+"""One loader item per optimizer update, and a loader that resumes mid-epoch.
+
+Each item is a group of ``accumulate`` collated micro-batches (an :class:`UpdateBatch`), so the training loop,
+its validation interval and its checkpoints count updates and never stop inside an accumulation window. An
+item carries its position in the epoch: the loader's state (epoch, updates consumed) skips exactly what a
+checkpointed run had trained on, and random crops are drawn from a generator seeded by that position, not by
+whichever worker happened to load the item.
+"""
+import warnings
+from typing import Callable, List, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+MicroBatch = Tuple[Tensor, Tensor, Tensor]  # (waveforms, labels, lengths), CollateFnHubert's output
+
+
+class UpdateBatch(NamedTuple):
+    epoch: int
+    position: int  # index of this update in its epoch
+    micro_batches: List[MicroBatch]
+
+
+class UpdatePlan(NamedTuple):
+    """What a worker needs to build one UpdateBatch: dataset indices of each micro-batch, and the seed inputs."""
+    epoch: int
+    position: int
+    rank: int
+    batches: List[List[int]]
+
+
+class UpdateSampler(Sampler[UpdatePlan]):
+    """This rank's micro-batches of an epoch (``batch_sampler``, e.g. a DistributedBatchSampler) dealt in
+    order into groups of ``accumulate``; the epoch's last group is shorter when the count does not divide.
+    Every rank gets the same number of micro-batches, hence the same group sizes.
+
+    ``start_epoch(e)`` plans epoch ``e`` (``batch_sampler.set_epoch(e)`` re-packs and reshuffles). The
+    state is (epoch, updates consumed, layout): after ``load_state_dict`` the next iteration skips the
+    updates consumed in the same epoch. The training loop reports what it consumed (``consumed``), because
+    workers and prefetching run ahead of it.
+    """
+
+    def __init__(self, batch_sampler: Sampler[List[int]], accumulate: int, rank: int = 0) -> None:
+        if accumulate < 1:
+            raise ValueError(f"accumulate must be at least 1, got {accumulate}")
+        self.batch_sampler = batch_sampler
+        self.accumulate = accumulate
+        self.rank = rank
+        self.epoch: Optional[int] = None
+        self.groups: List[List[List[int]]] = []
+        self.consumed = 0
+        self._skip = 0
+        self.start_epoch(0)
+
+    def start_epoch(self, epoch: int) -> None:
+        if epoch == self.epoch:
+            return
+        if hasattr(self.batch_sampler, "set_epoch"):
+            self.batch_sampler.set_epoch(epoch)
+        batches = list(self.batch_sampler)
+        self.groups = [batches[i:i + self.accumulate] for i in range(0, len(batches), self.accumulate)]
+        self.epoch, self.consumed, self._skip = epoch, 0, 0
+
+    def layout(self) -> dict:
+        """What decides the grouping: a resumed run with another layout continues at the same update count,
+        but not with the same batches."""
+        return {"micro_batches": sum(len(g) for g in self.groups), "accumulate": self.accumulate,
+                "num_replicas": getattr(self.batch_sampler, "num_replicas", 1)}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "layout": self.layout()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["epoch"] != self.epoch:  # that epoch was finished: this one starts from its beginning
+            return
+        if state["layout"] != self.layout():
+            warnings.warn(f"resuming with a different data layout ({state['layout']} -> {self.layout()}): "
+                          f"epoch {self.epoch} continues at update {state['consumed']}, but its remaining "
+                          "batches are not those the checkpointed run would have seen")
+        self.consumed = self._skip = min(state["consumed"], len(self.groups))
+
+    def __iter__(self):
+        start, self._skip = self._skip, 0
+        for position in range(start, len(self.groups)):
+            yield UpdatePlan(self.epoch, position, self.rank, self.groups[position])
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+
+class UpdateDataset(Dataset):
+    """Loads and collates the micro-batches of an UpdatePlan; crops are drawn from a generator seeded by
+    (seed, epoch, position, micro-batch, rank)."""
+
+    def __init__(self, dataset: Dataset, collate: Callable, seed: int) -> None:
+        self.dataset = dataset
+        self.collate = collate
+        self.seed = seed
+
+    def __getitem__(self, plan: UpdatePlan) -> UpdateBatch:
+        micro_batches = []
+        for micro, indices in enumerate(plan.batches):
+            key = hash((self.seed, plan.epoch, plan.position, micro, plan.rank)) & 0xFFFF_FFFF
+            generator = torch.Generator().manual_seed(key)
+            micro_batches.append(self.collate([self.dataset[i] for i in indices], generator=generator))
+        return UpdateBatch(plan.epoch, plan.position, micro_batches)
+
+
+class UpdateLoader(DataLoader):
+    """DataLoader of UpdateBatch items. Lightning saves ``state_dict()`` in every checkpoint and calls
+    ``load_state_dict()`` on resume before it iterates, so a run resumed from a mid-epoch checkpoint sees the
+    batches an uninterrupted one would. Workers persist across epochs; ``start_epoch`` plans the next one."""
+
+    def __init__(self, dataset: Dataset, batch_sampler: Sampler[List[int]], collate: Callable, *, accumulate: int,
+                 seed: int, rank: int = 0, num_workers: int = 0, pin_memory: bool = False) -> None:
+        super().__init__(UpdateDataset(dataset, collate, seed), sampler=UpdateSampler(batch_sampler, accumulate, rank),
+                         batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
+                         pin_memory=pin_memory)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.sampler.start_epoch(epoch)
+
+    def consumed(self, batch: UpdateBatch) -> None:
+        """The training loop is done with ``batch``: a checkpoint from now on resumes after it."""
+        self.sampler.consumed = batch.position + 1
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
