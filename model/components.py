@@ -203,8 +203,10 @@ class Transformer(nn.Module):
         x = self._preprocess(x)
         drop_layers = self.training and self.layer_drop > 0
         for layer in self.layers:
-            draw = torch.rand(1) if self.training else None
-            dropped = drop_layers and draw.item() <= self.layer_drop
+            dropped = False
+            if self.training:
+                draw = torch.rand(1)
+                dropped = drop_layers and draw.item() <= self.layer_drop
             if self.static_layerdrop and drop_layers:
                 y = layer(x, attention_mask)
                 x = torch.where(torch.tensor(dropped, device=x.device), x, y)
