@@ -197,14 +197,11 @@ def build(args):
     return trainer, module
 
 
-def run_finetune(args):
+def main(argv=None):
+    args = parse_args(argv)
     trainer, module = build(args)
     trainer.fit(module, ckpt_path=args.resume_checkpoint)
     return trainer, module
-
-
-def main(argv=None):
-    return run_finetune(parse_args(argv))
 
 
 if __name__ == "__main__":

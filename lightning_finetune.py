@@ -1,7 +1,6 @@
 """The CTC fine-tuning LightningModule (spec §11.1, upstream's ``HuBERTFineTuneModule``): a pre-trained HuBERT
 plus a linear CTC head (``aux``) over characters, manual optimisation, loss normalised by the global batch
 size, greedy CER/WER at validation."""
-import time
 from typing import Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
@@ -61,7 +60,6 @@ class HuBERTFineTuneModule(pl.LightningModule):
         self.stats = {"train": torch.zeros(len(STATS), dtype=torch.float64),
                       "val": torch.zeros(len(STATS), dtype=torch.float64)}
         self.skipped_steps = 0
-        self._last_step_time: Optional[float] = None
 
     def setup(self, stage: str) -> None:
         """List the utterances once per run (their headers are checked here, before any training)."""
@@ -140,16 +138,11 @@ class HuBERTFineTuneModule(pl.LightningModule):
         loss, utterances = self.stats["train"][:2]
         self.log("train_loss_step", float(total[0] / total[1]))
         self.log("train_loss", float(loss / utterances), prog_bar=True)
-        now = time.perf_counter()
-        if self._last_step_time is not None:
-            self.log("utterances_per_second", float(total[1]) / (now - self._last_step_time))
-        self._last_step_time = now
 
     def on_train_epoch_start(self):
         # Before the epoch's data iterator exists: its worker seeds depend on (seed, epoch) only.
         torch.manual_seed(hash((self.hparams.seed, -1, self.current_epoch)) & 0xFFFF_FFFF)
         self.stats["train"].zero_()
-        self._last_step_time = None
 
     # ---- validation -----------------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx):

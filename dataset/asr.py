@@ -61,7 +61,7 @@ def list_utterances(folders: Sequence[Union[str, Path]], extension: str = "flac"
     error lists every missing or unusable file (wrong rate, not mono, too short)."""
     utterances, problems = [], []
     for folder in folders:
-        trans_files = sorted(Path(folder).glob(f"**/*.trans.txt"))
+        trans_files = sorted(Path(folder).glob("**/*.trans.txt"))
         if not trans_files:
             raise FileNotFoundError(f"{folder}: no *.trans.txt transcripts (expected a LibriSpeech-layout folder)")
         for trans in trans_files:

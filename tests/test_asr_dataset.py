@@ -4,7 +4,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from dataset import (TranscribedAudio, collate_ctc, find_subset, librilight_folders, list_utterances)
+from dataset import TranscribedAudio, collate_ctc, find_subset, librilight_folders, list_utterances
 from tests.fixtures import make_transcribed_corpus
 from utils.common_utils import BadAudioError
 from utils.ctc import ids_to_text
