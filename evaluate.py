@@ -67,8 +67,8 @@ def lm_decoder(args, vocab: Sequence[str]) -> Callable[[torch.Tensor], str]:
     try:
         from torchaudio.models.decoder import ctc_decoder
     except (ImportError, RuntimeError) as e:
-        raise SystemExit(f"evaluate.py: error: --use-lm needs torchaudio's CTC decoder, which needs the flashlight-text "
-                         f"package: pip install flashlight-text ({e})") from e
+        raise SystemExit(f"evaluate.py: error: --use-lm needs torchaudio's CTC decoder, which needs the "
+                         f"flashlight-text package: pip install flashlight-text ({e})") from e
     for path in (args.lexicon, args.tokens, args.lm):
         if not path.is_file():
             raise SystemExit(f"evaluate.py: error: {path} does not exist")

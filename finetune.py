@@ -29,6 +29,7 @@ from lightning_finetune import HuBERTFineTuneModule
 from model import FACTORIES, infer_arch
 from utils.checkpoint import load_checkpoint
 from utils.ctc import VOCAB
+from utils.device import set_hpu_autocast_lists
 
 
 def parse_args(argv=None):
@@ -51,7 +52,7 @@ def parse_args(argv=None):
     a("--encoder-ff-interm-dropout", type=float, default=0.1)
     a("--encoder-dropout", type=float, default=0.0)
     a("--encoder-layer-drop", type=float, default=0.05)
-    a("--mask-prob", type=float, default=0.65, help="time masking: about this share of frames is masked (spans of mask_length)")
+    a("--mask-prob", type=float, default=0.65, help="time masking: about this share of frames (spans of mask_length)")
     a("--mask-channel-prob", type=float, default=0.5, help="channel masking probability")
     a("--mask-channel-length", type=int, default=64, help="channel mask span")
     a("--model-arg", type=train.parse_model_arg, action="append", default=[], metavar="NAME=VALUE",
@@ -75,7 +76,7 @@ def parse_args(argv=None):
     a("--hpus", type=int, default=-1, help="Habana HPUs per node (> -1 selects HPU)")
     a("--accelerator", default="cpu", choices=["cpu", "gpu", "hpu"], help="when neither --gpus nor --hpus")
     a("--devices", type=int, default=1, help="devices (processes) per node with --accelerator")
-    a("--autocast", action="store_true", help="bf16 autocast on any device (on by default on GPUs)")
+    a("--autocast", action="store_true", help="bf16 autocast on any device (on by default on GPUs; HPU: our op lists)")
     a("--fp32", action="store_true", help="no autocast on GPUs")
     a("--num-workers", type=int, default=10, help="data loader worker processes per device")
     a("--seed", type=int, default=1337)
@@ -151,6 +152,8 @@ def build(args):
             except (OSError, ValueError) as e:
                 raise SystemExit(f"finetune.py: error: {e}")
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO)
+    if args.autocast and args.hpus > -1:  # before anything imports habana_frameworks: upstream's op lists
+        set_hpu_autocast_lists(*(str(train.SCRIPT_DIR / f"ops_{kind}_hubert.txt") for kind in ("bf16", "fp32")))
     pl.seed_everything(args.seed, workers=True)
     try:
         train_folders, valid_folders = data_folders(args)

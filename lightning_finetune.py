@@ -71,8 +71,9 @@ class HuBERTFineTuneModule(pl.LightningModule):
         for stage, dataset in self.datasets.items():
             longest = int(dataset.lengths.argmax())
             if dataset.lengths[longest] > h.seconds_per_batch * SAMPLE_RATE:
-                raise ValueError(f"--seconds-per-batch {h.seconds_per_batch} cannot hold the longest {stage} utterance, "
-                                 f"{dataset.utterances[longest].path} ({dataset.lengths[longest] / SAMPLE_RATE:.1f} s)")
+                raise ValueError(f"--seconds-per-batch {h.seconds_per_batch} cannot hold the longest {stage} "
+                                 f"utterance, {dataset.utterances[longest].path} "
+                                 f"({dataset.lengths[longest] / SAMPLE_RATE:.1f} s)")
 
     # ---- the model ------------------------------------------------------------------------------------
     def encoder_frozen(self) -> bool:

@@ -8,7 +8,8 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from model import FACTORIES, HuBERTPretrainModel, Wav2Vec2Model, convert_conv_layout, model_from_state_dict, strip_prefix
+from model import (FACTORIES, HuBERTPretrainModel, Wav2Vec2Model, convert_conv_layout, model_from_state_dict,
+                   strip_prefix)
 from utils.ctc import VOCAB
 
 
