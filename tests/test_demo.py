@@ -3,11 +3,16 @@ from tools.demo import main
 
 
 def test_demo_runs_both_iterations_and_reports(tmp_path, capsys):
-    rows = main(["--out", str(tmp_path / "demo"), "--updates", "4", "4", "--num-cluster", "20", "--layer-index", "2"])
+    rows, finetuned = main(["--out", str(tmp_path / "demo"), "--updates", "4", "4", "--num-cluster", "20",
+                            "--layer-index", "2", "--finetune-updates", "3"])
     assert [r[0] for r in rows] == ["iteration 1", "iteration 2"]
     for _, _, pnmi_seen, pnmi_unseen, acc, prior, ckpts, logs, _ in rows:
         assert 0 < pnmi_seen < 1 and 0 < pnmi_unseen < 1 and 0 <= acc <= 1 and 0 < prior < 1
         assert (ckpts / "last.ckpt").is_file() and any(logs.glob("version_*/metrics.csv"))
-    assert (tmp_path / "demo" / "curves.png").stat().st_size > 10_000
+    assert [name for name, *_ in finetuned] == ["iteration 2", "random init"]
+    for _, counts, series in finetuned:
+        assert counts.chars > 0 and 0 <= counts.cer and len(series["train_loss_step"]) == 3
+    for png in ("curves.png", "finetune_curves.png"):
+        assert (tmp_path / "demo" / png).stat().st_size > 10_000
     out = capsys.readouterr().out
-    assert "iteration 2" in out and "curves:" in out
+    assert "iteration 2" in out and "held-out CER" in out and "curves:" in out
