@@ -1,4 +1,5 @@
-"""Download and extract LibriSpeech from OpenSLR: step 0 of the HuBERT recipe.
+"""Download and extract LibriSpeech from OpenSLR (step 0 of the HuBERT recipe), and the LibriLight-limited
+fine-tuning set (librispeech_finetuning.tgz, for finetune.py).
 
 Flags and layout follow the Habana recipe's dataset_itr1.py:
     <download_dir>/downloaded_raw/<archive>.tar.gz
@@ -9,6 +10,9 @@ its folder, and an interrupted run can simply be run again.
 
 Example:
     python dataset_itr1.py --download_dir /data/hubert/itr1_data --librispeech_split 960 --cleanup
+    # fine-tuning data: LibriLight-limited (10 min / 1 h / 10 h) and LibriSpeech dev-other for validation
+    python dataset_itr1.py --download_dir /data/hubert/ft --librispeech_split librilight
+    python dataset_itr1.py --download_dir /data/hubert/ft --librispeech_split dev
 """
 import argparse
 import os
@@ -23,6 +27,8 @@ from tqdm import tqdm
 from utils.download import DownloadError, fetch
 
 BASE_URL = "https://www.openslr.org/resources/12"
+# Libri-Light's own host for its fine-tuning subsets (the URL torchaudio's LibriLightLimited downloads).
+LIBRILIGHT_URL = "https://dl.fbaipublicfiles.com/librilight/data"
 
 SPLITS = {
     "100": ["train-clean-100.tar.gz"],
@@ -31,12 +37,15 @@ SPLITS = {
     "960": ["train-clean-100.tar.gz", "train-clean-360.tar.gz", "train-other-500.tar.gz"],
     "dev": ["dev-other.tar.gz", "dev-clean.tar.gz"],
     "test": ["test-clean.tar.gz", "test-other.tar.gz"],
+    "librilight": ["librispeech_finetuning.tgz"],
 }
+SOURCES = {"librispeech_finetuning.tgz": LIBRILIGHT_URL}  # the others come from BASE_URL
 # The upstream README and argparse say "300" but the upstream table only knows "360" (KeyError).
 SPLIT_ALIASES = {"300": "360"}
 
-# Published SHA-256 of the OpenSLR archives (the same values torchaudio's LIBRISPEECH dataset checks).
+# Published SHA-256 of the archives (the values torchaudio's LIBRISPEECH and LibriLightLimited datasets check).
 SHA256 = {
+    "librispeech_finetuning.tgz": "5d1efdc777b548194d7e09ba89126e2188026df9fd57aa57eb14408d2b2342af",
     "dev-clean.tar.gz": "76f87d090650617fca0cac8f88b9416e0ebf80350acb97b343a85fa903728ab3",
     "dev-other.tar.gz": "12661c48e8c3fe1de2c1caa4c3e135193bfb1811584f11f569dd12645aa84365",
     "test-clean.tar.gz": "39fde525e59672dc6d1551919b1478f724438a95aa55f874b576be21967e6c23",
@@ -126,10 +135,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Base folder; gets downloaded_raw/ and <split>_extract/ (created if missing).")
     parser.add_argument("--librispeech_split", default="960", choices=[*SPLITS, *SPLIT_ALIASES],
                         help="Which LibriSpeech part to fetch: 100/360/500 hours of training data, all 960, "
-                             "dev or test. '300' (upstream README) is taken as 360.")
+                             "dev or test, or librilight: the LibriLight-limited fine-tuning set (10 min / 1 h / "
+                             "10 h, 0.6 GB). '300' (upstream README) is taken as 360.")
     parser.add_argument("--cleanup", action="store_true",
                         help="Delete each tarball once it has been extracted.")
-    parser.add_argument("--base-url", default=BASE_URL, help="Where the archives are served (a mirror).")
+    parser.add_argument("--base-url", default=None,
+                        help=f"Where the archives are served (a mirror); default {BASE_URL}, and {LIBRILIGHT_URL} for "
+                             "librispeech_finetuning.tgz.")
     parser.add_argument("--checksums", type=Path, default=None,
                         help="sha256sum-style file ('<sha256>  <archive name>' per line) that overrides or adds "
                              "checksums, e.g. for a mirror with its own archives.")
@@ -142,7 +154,7 @@ def main(argv=None) -> Path:
     if split in SPLIT_ALIASES:
         print(f"warning: --librispeech_split {split} is taken as {SPLIT_ALIASES[split]} (train-clean-360)")
         split = SPLIT_ALIASES[split]
-    if split != "960":
+    if split not in ("960", "librilight"):
         print(f"Note: fetching split {split} only; the HuBERT recipe pre-trains on all 960 hours")
     checksums = dict(SHA256)
     if args.checksums is not None:
@@ -162,7 +174,8 @@ def main(argv=None) -> Path:
             if (target / MARKER).exists():
                 print(f"{target} is already extracted, so skipping download and extraction")
             else:
-                fetch(f"{args.base_url.rstrip('/')}/{name}", archive, checksums[name])
+                base = args.base_url or SOURCES.get(name, BASE_URL)
+                fetch(f"{base.rstrip('/')}/{name}", archive, checksums[name])
                 extract_tar(archive, target)
             if args.cleanup and archive.exists():
                 print(f"Deleting {archive}")
@@ -173,9 +186,12 @@ def main(argv=None) -> Path:
         raw_dir.rmdir()
 
     print(f"Extracted data here: {extract_loc}")
-    if split in ("dev", "test"):
+    if split == "librilight":
+        print(f"Next: python finetune.py --dataset-path {args.download_dir} --subset 10h ... (with "
+              f"--librispeech_split dev fetched into the same --download_dir for validation on dev-other)")
+    elif split in ("dev", "test"):
         print("Note: preprocess.py lists only files whose path contains 'train', so it would skip these "
-              f"{split} files; they are for evaluation, not pre-training.")
+              f"{split} files; they are for evaluation (evaluate.py) and fine-tuning validation, not pre-training.")
     else:
         print(f"Next: python preprocess.py --root-dir {extract_loc} ...")
     return extract_loc

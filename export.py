@@ -1,4 +1,4 @@
-r"""Export the encoder of a pre-training checkpoint for torchaudio and for Hugging Face transformers.
+r"""Export the encoder of a pre-training or fine-tuning checkpoint for torchaudio and for Hugging Face transformers.
 
     python export.py --checkpoint exp/checkpoints_.../epoch=...ckpt \
         --torchaudio hubert.pt --hf-dir hubert_hf
@@ -21,21 +21,32 @@ e.g. mask_time_prob in from_pretrained(...) for fine-tuning. Our training passes
 pass attention_mask to HubertModel for padded batches (unlike the fairseq Base checkpoints, whose HF docs
 say not to); a group-norm extractor still normalises over the padding, in our model as in HF.
 
+A finetune.py checkpoint (one with a CTC head, aux.*) exports as a speech recogniser: the torchaudio file
+gains aux.* (config aux_num_out) and "labels" (the CTC vocabulary), and DIR holds a
+transformers.HubertForCTC with its processor (Wav2Vec2CTCTokenizer vocab.json, Wav2Vec2FeatureExtractor
+without normalisation, as our training fed raw waveforms):
+
+    processor = Wav2Vec2Processor.from_pretrained(DIR); model = HubertForCTC.from_pretrained(DIR)
+    ids = model(**processor(audio, sampling_rate=16000, return_tensors="pt")).logits.argmax(-1)
+    text = processor.batch_decode(ids)
+
 Before anything is written, one random 1 s waveform goes through our model and through each exported
-model: the export is refused if their last hidden states differ by more than 1e-4.
+model: the export is refused if their last hidden states (CTC logits for a fine-tuned model) differ by more
+than 1e-4.
 """
 import argparse
+import json
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 import torchaudio
 
 from model import HuBERTPretrainModel
 from model.hubert import HUBERT_CONV
-from utils.checkpoint import load_pretrained_model
+from utils.checkpoint import finetuned_model, has_ctc_head, load_checkpoint, pretrained_model
 from utils.common_utils import atomic_write
 
 TOLERANCE = 1e-4
@@ -43,6 +54,7 @@ HEAD_FILE = "hubert_pretraining_head.pt"
 # Our parameter names -> HubertModel's, by prefix; everything under them keeps its name (the positional
 # conv's weight norm included: both are torch parametrizations, original0 = g, original1 = v, dim=2).
 HF_PREFIXES = (
+    ("wav2vec2.aux.", "lm_head."),
     ("wav2vec2.feature_extractor.", "feature_extractor."),
     ("wav2vec2.encoder.feature_projection.", "feature_projection."),
     ("wav2vec2.encoder.transformer.", "encoder."),
@@ -73,17 +85,22 @@ def torchaudio_config(model: HuBERTPretrainModel) -> Dict:
         encoder_dropout=transformer.dropout.p,
         encoder_layer_norm_first=cfg["encoder_layer_norm_first"],
         encoder_layer_drop=transformer.layer_drop,
-        aux_num_out=None,
+        aux_num_out=None if model.wav2vec2.aux is None else model.wav2vec2.aux.out_features,
     )
 
 
 def hf_config(model: HuBERTPretrainModel):
-    """The ``transformers.HubertConfig`` of the same architecture, with our masking and dropouts."""
+    """The ``transformers.HubertConfig`` of the same architecture, with our masking and dropouts (and, with a
+    CTC head, its vocabulary size, blank 0 and our fine-tuning's summed, zero-infinity CTC loss)."""
     from transformers import HubertConfig
 
     ta, cfg = torchaudio_config(model), model.config
     conv = ta["extractor_conv_layer_config"]
+    ctc = {} if ta["aux_num_out"] is None else dict(
+        vocab_size=ta["aux_num_out"], pad_token_id=0, bos_token_id=None, eos_token_id=None, final_dropout=0.0,
+        ctc_loss_reduction="sum", ctc_zero_infinity=True)
     return HubertConfig(
+        **ctc,
         feat_extract_norm={"group_norm": "group", "layer_norm": "layer"}[ta["extractor_mode"]],
         feat_extract_activation="gelu",
         conv_dim=[c[0] for c in conv],
@@ -120,27 +137,32 @@ def encoder_state_dict(model: HuBERTPretrainModel) -> Dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
 
 
-def hf_name(name: str) -> Optional[str]:
-    """HubertModel's name for one of our parameters, or None where HubertModel has none (the head)."""
+def hf_name(name: str, ctc: bool = False) -> Optional[str]:
+    """HubertModel's (``ctc``: HubertForCTC's) name for one of our parameters, or None where it has none (the
+    pre-training head)."""
     for ours, theirs in HF_PREFIXES:
         if name.startswith(ours):
-            return theirs + name[len(ours):]
+            return ("hubert." if ctc and theirs != "lm_head." else "") + theirs + name[len(ours):]
     return None
 
 
 def max_difference(what: str, ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    """Largest absolute difference of two last hidden states; an error above TOLERANCE (a mapping bug)."""
+    """Largest absolute difference of two outputs (last hidden states or logits); an error above TOLERANCE
+    (a mapping bug)."""
     if ours.shape != theirs.shape:
-        raise ValueError(f"{what}: hidden states of shape {list(theirs.shape)}, ours {list(ours.shape)}")
+        raise ValueError(f"{what}: outputs of shape {list(theirs.shape)}, ours {list(ours.shape)}")
     diff = (ours - theirs).abs().max().item()
     if not diff <= TOLERANCE:
-        raise ValueError(f"{what}: last hidden states differ by {diff:.3g} from ours (> {TOLERANCE}); not written")
+        raise ValueError(f"{what}: outputs differ by {diff:.3g} from ours (> {TOLERANCE}); not written")
     return diff
 
 
-def torchaudio_export(model: HuBERTPretrainModel, waveform: torch.Tensor, reference: torch.Tensor):
+def torchaudio_export(model: HuBERTPretrainModel, vocab: Optional[Sequence[str]], waveform: torch.Tensor,
+                      reference: torch.Tensor):
     """(the torchaudio file's contents, max difference from ours), checked by loading it into torchaudio."""
     obj = {"state_dict": encoder_state_dict(model), "config": torchaudio_config(model)}
+    if vocab is not None:
+        obj["labels"] = list(vocab)
     ta_model = torchaudio.models.wav2vec2_model(**obj["config"]).eval()
     ta_model.load_state_dict(obj["state_dict"])
     with torch.no_grad():
@@ -148,34 +170,55 @@ def torchaudio_export(model: HuBERTPretrainModel, waveform: torch.Tensor, refere
 
 
 def hf_export(model: HuBERTPretrainModel, waveform: torch.Tensor, reference: torch.Tensor):
-    """(HubertModel with our weights, the parameters it has no place for, max difference from ours)."""
+    """(HubertModel, or HubertForCTC for a model with a CTC head, with our weights; the parameters it has no
+    place for; max difference from ours)."""
     try:
-        from transformers import HubertModel
+        from transformers import HubertForCTC, HubertModel
     except ImportError as e:
         raise ValueError(f"--hf-dir needs transformers and safetensors (pip install transformers): {e}") from e
-    hf_model = HubertModel(hf_config(model)).eval()
+    ctc = model.wav2vec2.aux is not None
+    hf_model = (HubertForCTC if ctc else HubertModel)(hf_config(model)).eval()
     hf_keys = set(hf_model.state_dict())
     mapped, head = {}, {}
     for name, value in model.state_dict().items():
-        if name.startswith("wav2vec2.") or hf_name(name) in hf_keys:
-            mapped[hf_name(name)] = value
+        if name.startswith("wav2vec2.") or hf_name(name, ctc) in hf_keys:
+            mapped[hf_name(name, ctc)] = value
         else:
             head[name] = value
     try:
         hf_model.load_state_dict(mapped)  # strict: a parameter left out on either side is an error
     except RuntimeError as e:
-        raise ValueError(f"HF export: our parameters do not map onto HubertModel's: {e}") from e
+        raise ValueError(f"HF export: our parameters do not map onto {type(hf_model).__name__}'s: {e}") from e
     with torch.no_grad():
-        return hf_model, head, max_difference("HF export", reference, hf_model(waveform).last_hidden_state)
+        out = hf_model(waveform)
+    return hf_model, head, max_difference("HF export", reference, out.logits if ctc else out.last_hidden_state)
 
 
-def write_hf(hf_model, head: Dict[str, torch.Tensor], out_dir: Path) -> None:
-    """save_pretrained + the head file into a temporary folder, then renamed onto ``out_dir``."""
+def save_processor(vocab: Sequence[str], out_dir: Path) -> None:
+    """Wav2Vec2Processor files for a CTC export: the tokenizer (our tokens in output order; blank is HF's pad
+    token, ``|`` its word delimiter; ``<unk>`` is added after them, for text outside the vocabulary) and a
+    feature extractor that passes the raw 16 kHz waveform through, as our training saw it."""
+    from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
+
+    vocab_file = out_dir / "vocab.json"
+    vocab_file.write_text(json.dumps({token: i for i, token in enumerate(vocab)}, indent=2))
+    tokenizer = Wav2Vec2CTCTokenizer(str(vocab_file), unk_token="<unk>", pad_token=vocab[0],
+                                     word_delimiter_token=vocab[1], bos_token=None, eos_token=None)
+    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=False,
+                                         return_attention_mask=True)
+    Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(out_dir)
+
+
+def write_hf(hf_model, head: Dict[str, torch.Tensor], vocab: Optional[Sequence[str]], out_dir: Path) -> None:
+    """save_pretrained + the head file (+ the processor files) into a temporary folder, then renamed onto
+    ``out_dir``."""
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
     old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
     try:
         hf_model.save_pretrained(tmp)
         torch.save(head, tmp / HEAD_FILE)
+        if vocab is not None:
+            save_processor(vocab, tmp)
         if out_dir.exists():
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
@@ -191,7 +234,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True,
-                        help="train.py checkpoint (.ckpt) or a state dict of HuBERTPretrainModel")
+                        help="train.py or finetune.py checkpoint (.ckpt), or a state dict of HuBERTPretrainModel")
     parser.add_argument("--torchaudio", type=Path, default=None, metavar="FILE",
                         help="write the torchaudio state dict + wav2vec2_model config to this file")
     parser.add_argument("--hf-dir", type=Path, default=None, metavar="DIR",
@@ -210,28 +253,35 @@ def main(argv=None) -> None:
             raise SystemExit(f"export.py: error: {out} already exists; pass --overwrite to replace it")
     try:
         # The conv1d, GroupNorm layout that torchaudio and HF share, whatever the run trained with.
-        model = load_pretrained_model(args.checkpoint, use_conv2d=False, use_instancenorm=False).eval()
+        obj = load_checkpoint(args.checkpoint)
+        if has_ctc_head(obj):
+            model, vocab = finetuned_model(obj, args.checkpoint)
+        else:
+            model, vocab = pretrained_model(obj, args.checkpoint, use_conv2d=False, use_instancenorm=False), None
+        model.eval()
         waveform = torch.randn(1, 16000, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             reference = model.wav2vec2(waveform)[0]
         # Build and check every export before writing any.
-        ta = torchaudio_export(model, waveform, reference) if args.torchaudio else None
+        ta = torchaudio_export(model, vocab, waveform, reference) if args.torchaudio else None
         hf = hf_export(model, waveform, reference) if args.hf_dir else None
         if ta is not None:
             obj, diff = ta
             with atomic_write(args.torchaudio) as f:
                 torch.save(obj, f)
             params = sum(v.numel() for v in obj["state_dict"].values())
-            print(f"Wrote {args.torchaudio}: torchaudio wav2vec2_model state dict and config, "
-                  f"{params / 1e6:.1f} M parameters, max |diff| vs ours {diff:.1e}")
+            print(f"Wrote {args.torchaudio}: torchaudio wav2vec2_model state dict and config"
+                  f"{' with the CTC head and labels' if vocab else ''}, {params / 1e6:.1f} M parameters, "
+                  f"max |diff| vs ours {diff:.1e}")
         if hf is not None:
             hf_model, head, diff = hf
-            write_hf(hf_model, head, args.hf_dir)
+            write_hf(hf_model, head, vocab, args.hf_dir)
             files = ", ".join(sorted(p.name for p in args.hf_dir.iterdir()))
             params = sum(p.numel() for p in hf_model.parameters())
-            print(f"Wrote {args.hf_dir}/ ({files}): transformers HubertModel, {params / 1e6:.1f} M parameters, "
-                  f"max |diff| vs ours {diff:.1e}; HubertModel has no place for the pre-training head, so "
-                  f"{', '.join(head)} went to {HEAD_FILE}")
+            name = type(hf_model).__name__
+            print(f"Wrote {args.hf_dir}/ ({files}): transformers {name}, {params / 1e6:.1f} M parameters, max |diff| "
+                  f"vs ours {diff:.1e}; {name} has no place for the pre-training head, so {', '.join(head)} went to "
+                  f"{HEAD_FILE}")
     except (OSError, ValueError) as e:
         raise SystemExit(f"export.py: error: {e}") from e
 

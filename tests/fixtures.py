@@ -38,3 +38,57 @@ def make_prepared_dataset(root: Path, n_train: int = 12, n_valid: int = 3, featu
         (data / "tsv" / f"librispeech_{split}.tsv").write_text("\n".join(tsv) + "\n")
         (data / "label" / f"label_{split}.pt").write_text("\n".join(labels) + "\n")
     return data
+
+
+LETTERS = "ABCDEHIOST"
+
+
+def make_transcribed_corpus(root: Path, n_utts: int = 6, seed: int = 0, words=(2, 4)) -> Path:
+    """A LibriSpeech-layout folder ``root/<spk>/<chapter>/`` with ``*.trans.txt`` and FLAC files in which
+    every letter is an 80 ms tone of its own pitch and a space is 60 ms of near silence, so a CTC model can
+    learn to read them; returns ``root``."""
+    rng = np.random.default_rng(seed)
+    chapter = root / "7" / "70"
+    chapter.mkdir(parents=True, exist_ok=True)
+    lines = []
+
+    def word():  # no letter twice in a row: one long tone could not be told from two
+        letters, length = [rng.choice(list(LETTERS))], rng.integers(2, 5)
+        while len(letters) < length:
+            letters.append(rng.choice([c for c in LETTERS if c != letters[-1]]))
+        return "".join(letters)
+
+    for i in range(n_utts):
+        text = " ".join(word() for _ in range(rng.integers(*words)))
+        pieces = [np.zeros(4000)]
+        for c in text:
+            t = np.arange(960 if c == " " else 1280) / 16000
+            pieces.append(np.zeros_like(t) if c == " " else
+                          0.4 * np.sin(2 * np.pi * (250 + 90 * LETTERS.index(c)) * t))
+        pieces.append(np.zeros(4000))
+        wave = np.concatenate(pieces) + 0.01 * rng.standard_normal(sum(len(p) for p in pieces))
+        utt_id = f"7-70-{i:04d}"
+        sf.write(chapter / f"{utt_id}.flac", wave.astype(np.float32), 16000)
+        lines.append(f"{utt_id} {text}\n")
+    (chapter / "7-70.trans.txt").write_text("".join(lines))
+    return root
+
+
+def save_finetuned_checkpoint(path: Path, use_conv2d: bool = False, seed: int = 0) -> Path:
+    """A finetune.py-style checkpoint of a tiny model with every weight random (an identity layer norm would hide
+    a swapped mapping) and a 29-way CTC head."""
+    import torch
+
+    from model import hubert_pretrain_tiny
+    from utils.ctc import VOCAB
+
+    torch.manual_seed(seed)
+    model = hubert_pretrain_tiny(use_conv2d=use_conv2d, use_instancenorm=use_conv2d)
+    aux = torch.nn.Linear(256, len(VOCAB))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    state = {**{f"model.{k}": v for k, v in model.state_dict().items()},
+             **{f"aux.{k}": v for k, v in aux.state_dict().items()}}
+    torch.save({"state_dict": state, "hubert_config": model.config, "ctc_vocab": list(VOCAB), "global_step": 5}, path)
+    return path

@@ -291,3 +291,42 @@ def test_bad_checksums_file_and_http_404_give_clear_errors(server, tmp_path):
     server.files.clear()
     with pytest.raises(SystemExit, match=r"train-clean-100.tar.gz: HTTP 404"):
         run_main(server, good, tmp_path / "data", "100")
+
+
+def make_librilight_archive() -> bytes:
+    """librispeech_finetuning.tgz's layout: 1h/<0-5>/{clean,other}/<spk>/<chapter>/..., 9h/{clean,other}/..."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for i, folder in enumerate(["1h/0/clean", "1h/1/other", "9h/clean"]):
+            files = {f"librispeech_finetuning/{folder}/19/19{i}/19-19{i}-0001.flac": flac_bytes(),
+                     f"librispeech_finetuning/{folder}/19/19{i}/19-19{i}.trans.txt": f"19-19{i}-0001 HELLO\n".encode()}
+            for name, data in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_librilight_limited_is_fetched_verified_and_found_by_finetuning(server, tmp_path, capsys):
+    from dataset import librilight_folders, list_utterances
+
+    data = make_librilight_archive()
+    server.files["resources/12/librispeech_finetuning.tgz"] = data
+    checksums = tmp_path / "SHA256SUMS"
+    checksums.write_text(f"{hashlib.sha256(data).hexdigest()}  librispeech_finetuning.tgz\n")
+    extract_loc = run_main(server, checksums, tmp_path / "data", "librilight")
+
+    assert server.requests == [("/resources/12/librispeech_finetuning.tgz", None)]
+    assert extract_loc == tmp_path / "data" / "librilight_extract"
+    assert (extract_loc / "librispeech_finetuning" / dataset_itr1.MARKER).exists()
+    assert "finetune.py --dataset-path" in capsys.readouterr().out
+    for subset, count in (("10min", 1), ("1h", 2), ("10h", 3)):
+        assert len(list_utterances(librilight_folders(tmp_path / "data", subset))) == count
+
+
+def test_librilight_source_and_checksum_are_torchaudios():
+    """The published SHA-256 of librispeech_finetuning.tgz, as torchaudio's LibriLightLimited checks it."""
+    from torchaudio.datasets import librilight_limited
+
+    assert dataset_itr1.SHA256["librispeech_finetuning.tgz"] == librilight_limited._CHECKSUM
+    assert f"{dataset_itr1.SOURCES['librispeech_finetuning.tgz']}/librispeech_finetuning.tgz" == librilight_limited._URL

@@ -166,3 +166,43 @@ def test_check_refuses_differences_above_tolerance():
         export.max_difference("x", ours, ours * float("nan"))
     with pytest.raises(ValueError, match="shape"):
         export.max_difference("x", ours, ours[:, :4])
+
+
+@pytest.mark.parametrize("use_conv2d", [False, True], ids=["conv1d", "conv2d"])
+def test_finetuned_export_is_a_hubert_for_ctc_with_its_processor(tmp_path, use_conv2d):
+    """A finetune.py checkpoint -> HubertForCTC + Wav2Vec2Processor (offline from_pretrained) and a torchaudio
+    wav2vec2_model with aux: the same logits as ours, and HF's own decoding gives our greedy transcript."""
+    from transformers import HubertForCTC, Wav2Vec2Processor
+
+    from tests.fixtures import save_finetuned_checkpoint
+    from utils.checkpoint import load_finetuned_model
+    from utils.ctc import VOCAB, greedy_decode
+
+    ckpt = save_finetuned_checkpoint(tmp_path / "ft.ckpt", use_conv2d=use_conv2d)
+    export.main(["--checkpoint", str(ckpt), "--torchaudio", str(tmp_path / "ta.pt"), "--hf-dir", str(tmp_path / "hf")])
+    assert {"vocab.json", "tokenizer_config.json", "config.json", "model.safetensors"} <= {
+        p.name for p in (tmp_path / "hf").iterdir()}
+    ours, vocab = load_finetuned_model(ckpt)
+    ours.eval()
+    hf_model, info = HubertForCTC.from_pretrained(tmp_path / "hf", output_loading_info=True, local_files_only=True)
+    assert not any(info.values()), info
+    processor = Wav2Vec2Processor.from_pretrained(tmp_path / "hf", local_files_only=True)
+    assert hf_model.config.vocab_size == len(vocab) == 29 and hf_model.config.pad_token_id == 0
+    obj = torch.load(tmp_path / "ta.pt", weights_only=True)
+    assert obj["labels"] == list(VOCAB) and obj["config"]["aux_num_out"] == 29
+    ta_model = torchaudio.models.wav2vec2_model(**obj["config"]).eval()
+    ta_model.load_state_dict(obj["state_dict"])  # strict: aux included
+
+    waveforms, attention_mask = padded_batch()
+    inputs = processor([w[:n].numpy() for w, n in zip(waveforms, LENGTHS)], sampling_rate=16000,
+                       return_tensors="pt", padding=True)
+    assert torch.equal(inputs.input_values, waveforms) and torch.equal(inputs.attention_mask, attention_mask)
+    with torch.no_grad():
+        logits, frames = ours(waveforms, LENGTHS)
+        hf_logits = hf_model(**inputs).logits
+        torch.testing.assert_close(hf_logits, logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(ta_model(waveforms, LENGTHS)[0], logits, atol=1e-5, rtol=0)
+    ids = hf_logits.argmax(-1)
+    for i in range(len(ids)):  # HF's tokenizer merges repeats, drops the pad (blank) and reads | as a space
+        text = processor.decode(ids[i, :frames[i]])
+        assert text == greedy_decode(logits[i], int(frames[i])) and len(text) > 5

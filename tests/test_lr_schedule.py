@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from utils.lr_schedule import LinearDecayLRScheduler
+from utils.lr_schedule import LinearDecayLRScheduler, TriStageLRScheduler
 
 
 def lrs(warmup, max_updates, steps, base=1.0):
@@ -35,3 +35,18 @@ def test_bad_arguments():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match="warmup_updates"):
         LinearDecayLRScheduler(opt, 10, 10)
+
+
+def test_tri_stage_warmup_hold_decay_and_floor():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = TriStageLRScheduler(opt, warmup_updates=4, hold_updates=2, decay_updates=3)
+    used = []
+    for _ in range(11):
+        used.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    warmup = [2.0 * (0.01 + k / 4 * 0.99) for k in (1, 2, 3, 4)]
+    decay = [2.0 * 0.05 ** (k / 3) for k in (1, 2, 3)]
+    assert used == pytest.approx(warmup + [2.0, 2.0] + decay + [0.1, 0.1])
+    with pytest.raises(ValueError, match="warmup_updates >= 1"):
+        TriStageLRScheduler(opt, 0, 1, 1)

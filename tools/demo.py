@@ -1,8 +1,10 @@
-"""The whole recipe on the embedded demo corpus, on CPU, in about 8 minutes on 2 cores (`make demo`).
+"""The whole recipe on the embedded demo corpus, on CPU, in under 10 minutes on 2 cores (`make demo`).
 
 MFCC labels -> iteration 1 -> labels from an iteration-1 layer -> iteration 2, with the tiny model and
-our CPU recipe (docs/tiny_study.md). Ends with a table (per iteration: masked accuracy, label PNMI against
-the demo's phone alignments, where checkpoints and logs are) and a PNG of the loss and accuracy curves.
+our CPU recipe (docs/tiny_study.md), then CTC fine-tuning of iteration 2 on the training speakers'
+transcripts, next to the same fine-tuning from random weights (docs/finetune_study.md). Ends with two tables
+(per iteration: masked accuracy, label PNMI against the demo's phone alignments, where checkpoints and logs
+are; per fine-tuning: character error rate on the held-out speakers) and PNGs of the curves.
 
     python tools/demo.py [--out exp_demo] [--corpus demo_data]
 """
@@ -13,15 +15,25 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere: the repo's packages
+import finetune  # noqa: E402
 import preprocess  # noqa: E402
 import train  # noqa: E402
+from evaluate import evaluate_folder  # noqa: E402
 from tools.heldout_quality import heldout_quality  # noqa: E402
-from utils.curves import last, metrics_csv, plot_curves, read_metrics  # noqa: E402
+from utils.checkpoint import load_finetuned_model  # noqa: E402
+from utils.ctc import greedy_decode  # noqa: E402
+from utils.curves import FINETUNING_PANELS, last, metrics_csv, plot_curves, read_metrics  # noqa: E402
 from utils.feature_utils import hubert_extractor, mfcc_extractor  # noqa: E402
 from utils.label_quality import measure, prior_accuracy  # noqa: E402
 
 # The tiny model on this machine's CPU; train.py gives it its own recipe (lr, batch, loss weights).
 TINY_ON_CPU = ["--model-name", "hubert_pretrain_tiny", "--accelerator", "cpu", "--devices", "1", "--num-workers", "1"]
+# CTC fine-tuning of the tiny model on minutes of speech (docs/finetune_study.md); finetune.py's defaults stay
+# upstream's (Base, LibriLight 10 h).
+FINETUNE_RECIPE = ["--accelerator", "cpu", "--devices", "1", "--num-workers", "1", "--seconds-per-batch", "16",
+                   "--learning-rate", "1e-3", "--freeze-encoder-updates", "20", "--warmup-updates", "20",
+                   "--hold-updates", "1000", "--decay-updates", "100", "--mask-prob", "0", "--mask-channel-prob", "0",
+                   "--encoder-layer-drop", "0", "--val-check-interval", "25", "--log-every-n-steps", "5"]
 
 
 def parse_args(argv=None):
@@ -32,6 +44,7 @@ def parse_args(argv=None):
                    help="optimizer updates of each iteration")
     p.add_argument("--num-cluster", type=int, default=100, help="k of both k-means")
     p.add_argument("--layer-index", type=int, default=4, help="iteration-1 layer that makes iteration 2's labels")
+    p.add_argument("--finetune-updates", type=int, default=150, help="optimizer updates of each CTC fine-tuning")
     return p.parse_args(argv)
 
 
@@ -51,6 +64,18 @@ def pretrain(args, data: Path, exp: Path, feature_type: str, updates: int) -> Pa
     return exp / "checkpoints_librispeech_hubert_pretrain_tiny" / "last.ckpt"
 
 
+def finetune_and_score(corpus: Path, exp: Path, source: list, updates: int, extra=()):
+    """CTC fine-tuning of ``source`` (finetune.py's --checkpoint or --random-init flags) on the corpus's training
+    transcripts, then greedy decoding of its held-out (dev-clean) speakers one utterance at a time:
+    (ErrorCounts, the run's metrics series)."""
+    dev = corpus / "LibriSpeech" / "dev-clean"
+    finetune.main([*source, "--train-dir", str(corpus / "LibriSpeech" / "train-clean-100"), "--valid-dir", str(dev),
+                   "--exp-dir", str(exp), *FINETUNE_RECIPE, "--max-updates", str(updates), *extra])
+    model, vocab = load_finetuned_model(exp / "checkpoints_hubert_pretrain_tiny" / "last.ckpt")
+    counts, _ = evaluate_folder(model.eval(), dev, lambda log_probs: greedy_decode(log_probs, vocab=vocab), "cpu")
+    return counts, read_metrics(metrics_csv(exp))
+
+
 def label_pnmi(args, data: Path, extractor):
     """PNMI of the training labels, and of the same k-means on the held-out (dev-clean) speakers."""
     alignments = sorted((args.corpus / "alignments").glob("*.tsv"))
@@ -66,7 +91,14 @@ def main(argv=None):
     labels1 = make_labels(args, args.out)
     ckpt1 = pretrain(args, labels1, args.out / "iter1", "mfcc", args.updates[0])
     labels2 = make_labels(args, args.out, checkpoint=ckpt1)
-    pretrain(args, labels2, args.out / "iter2", "hubert", args.updates[1])
+    ckpt2 = pretrain(args, labels2, args.out / "iter2", "hubert", args.updates[1])
+    # Warm-up 20, then the last fifth decays (the runs docs/finetune_study.md measured for 150 updates).
+    u = args.finetune_updates
+    schedule = ["--hold-updates", str(max(0, u - 20 - u // 5)), "--decay-updates", str(max(1, u // 5))]
+    finetuned = [(name, *finetune_and_score(args.corpus, args.out / f"finetune_{tag}", source, u, schedule))
+                 for name, tag, source in (("iteration 2", "iter2", ["--checkpoint", str(ckpt2)]),
+                                           ("random init", "random", ["--random-init", "--model-name",
+                                                                      "hubert_pretrain_tiny"]))]
 
     rows = []
     for name, exp, data, labels, feature_type, extractor in (
@@ -78,6 +110,8 @@ def main(argv=None):
                      prior_accuracy(data / "label" / "label_valid.pt", feature_type),
                      exp / "checkpoints_librispeech_hubert_pretrain_tiny", exp / "lightning_logs", series))
     png = plot_curves({r[0]: r[-1] for r in rows}, args.out / "curves.png", title="demo: tiny HuBERT, 2 iterations")
+    ft_png = plot_curves({name: series for name, _, series in finetuned}, args.out / "finetune_curves.png",
+                         title="demo: CTC fine-tuning of tiny HuBERT", panels=FINETUNING_PANELS)
 
     print(f"\nHuBERT demo done in {(time.perf_counter() - start) / 60:.1f} min")
     print(f"{'':<12} {'labels':<24} {'PNMI train':>10} {'PNMI held-out':>13} {'val masked acc':>14} "
@@ -89,8 +123,18 @@ def main(argv=None):
           "ratio: masked accuracy / accuracy of always guessing the commonest label")
     for name, *_, ckpts, logs, _ in rows:
         print(f"{name}: checkpoints {ckpts}, logs {logs}")
-    print(f"curves: {png}")
-    return rows
+    print(f"\nCTC fine-tuning, {args.finetune_updates} updates on the training speakers' transcripts; greedy decoding "
+          f"of the held-out speakers")
+    print(f"{'from':<12} {'held-out CER':>12} {'WER':>6}")
+    for name, counts, _ in finetuned:
+        print(f"{name:<12} {counts.cer:>12.3f} {counts.wer:>6.3f}")
+    (_, pretrained, _), (_, scratch, _) = finetuned
+    print(f"pre-training {'lowers' if pretrained.cer < scratch.cer else 'does NOT lower'} the held-out CER by "
+          f"{scratch.cer - pretrained.cer:.3f} ({scratch.cer:.3f} -> {pretrained.cer:.3f})")
+    print(f"fine-tuned: checkpoints {args.out}/finetune_{{iter2,random}}/checkpoints_hubert_pretrain_tiny, "
+          f"evaluate: python evaluate.py --checkpoint .../last.ckpt --data-dir {args.corpus}/LibriSpeech/dev-clean")
+    print(f"curves: {png}, {ft_png}")
+    return rows, finetuned
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
-"""Reading checkpoint files: Lightning checkpoints written by train.py, or plain state dicts (ours or
-torchaudio's), in the conv1d or conv2d layout."""
+"""Reading checkpoint files: Lightning checkpoints written by train.py and finetune.py, plain state dicts (ours
+or torchaudio's), and export.py's torchaudio files, in the conv1d or conv2d layout."""
 import pickle
 import zipfile
 from pathlib import Path
 from typing import Tuple
 
 import torch
+from torch import nn
 
-from model import HuBERTPretrainModel, model_from_state_dict, strip_prefix
+from model import (FACTORIES, HuBERTPretrainModel, Wav2Vec2Model, convert_conv_layout, model_from_state_dict,
+                   strip_prefix)
+from utils.ctc import VOCAB
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -25,6 +28,11 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return obj
 
 
+def is_torchaudio_export(obj: dict) -> bool:
+    """export.py --torchaudio: ``{"state_dict": wav2vec2_model weights, "config": wav2vec2_model arguments}``."""
+    return "config" in obj and "feature_extractor.conv_layers.0.conv.weight" in obj.get("state_dict", {})
+
+
 def split_checkpoint(obj: dict) -> Tuple[dict, dict]:
     """(model state dict without the ``model.`` prefix, model config or None) of a loaded checkpoint."""
     if "state_dict" in obj:
@@ -32,11 +40,61 @@ def split_checkpoint(obj: dict) -> Tuple[dict, dict]:
     return strip_prefix(obj), None
 
 
-def load_pretrained_model(path, map_location="cpu", **overrides) -> HuBERTPretrainModel:
-    """The model stored in a checkpoint file, rebuilt with its saved config (or the architecture inferred
-    from its shapes); ``overrides`` replace model arguments, e.g. ``use_conv2d=False``."""
-    state_dict, config = split_checkpoint(load_checkpoint(path, map_location))
+def model_from_export(obj: dict, **overrides) -> HuBERTPretrainModel:
+    """A pre-training model whose encoder is a torchaudio export's (any ``aux`` head is left out). The export has
+    no mask embedding or label embeddings (torchaudio's encoder has neither), so those start afresh."""
+    config = {k: v for k, v in obj["config"].items() if k != "aux_num_out"}
+    # Base's factory supplies the masking and logit settings; every architecture argument comes from the export.
+    model = FACTORIES["hubert_pretrain_base"](**{**config, **overrides})
+    encoder = {k: v for k, v in obj["state_dict"].items() if not k.startswith("aux.")}
+    model.wav2vec2.load_state_dict(convert_conv_layout(encoder, model.config["use_conv2d"]), strict=False)
+    missing = set(model.wav2vec2.state_dict()) - set(encoder) - {"aux.weight", "aux.bias"}
+    if missing:
+        raise KeyError(f"the export lacks {sorted(missing)[:3]}")
+    return model
+
+
+def pretrained_model(obj: dict, source, **overrides) -> HuBERTPretrainModel:
+    """The model of a loaded checkpoint ``obj`` (read from ``source``), rebuilt with its saved config (or the
+    architecture inferred from its shapes, or a torchaudio export's config); ``overrides`` replace model
+    arguments, e.g. ``use_conv2d=False``. A fine-tuning checkpoint gives its encoder (not its CTC head)."""
     try:
+        if is_torchaudio_export(obj):
+            return model_from_export(obj, **overrides)
+        state_dict, config = split_checkpoint(obj)
         return model_from_state_dict(state_dict, config, **overrides)
     except (KeyError, RuntimeError, ValueError) as e:
-        raise ValueError(f"checkpoint {path} does not hold a HuBERT pre-training model: {e}") from e
+        raise ValueError(f"checkpoint {source} does not hold a HuBERT pre-training model: {e}") from e
+
+
+def load_pretrained_model(path, map_location="cpu", **overrides) -> HuBERTPretrainModel:
+    """``pretrained_model`` of a checkpoint file."""
+    return pretrained_model(load_checkpoint(path, map_location), path, **overrides)
+
+
+def has_ctc_head(obj: dict) -> bool:
+    return "aux.weight" in obj.get("state_dict", obj)
+
+
+def finetuned_model(obj: dict, source) -> Tuple[HuBERTPretrainModel, Tuple[str, ...]]:
+    """(model whose ``wav2vec2`` carries the CTC head as ``aux``, in the conv1d layout; the CTC vocabulary) of a
+    loaded finetune.py checkpoint or export.py --torchaudio file of one. Checkpoints without a vocabulary
+    (upstream's) use torchaudio's 29 characters."""
+    if not has_ctc_head(obj):
+        raise ValueError(f"checkpoint {source} has no CTC head (aux.weight): fine-tune it with finetune.py first")
+    state_dict = obj.get("state_dict", obj)
+    weight, bias = state_dict["aux.weight"], state_dict["aux.bias"]
+    vocab = tuple(obj.get("ctc_vocab", obj.get("labels", VOCAB)))
+    if len(vocab) != weight.shape[0]:
+        raise ValueError(f"checkpoint {source}: the CTC head has {weight.shape[0]} outputs but the vocabulary "
+                         f"{len(vocab)} tokens")
+    model = pretrained_model(obj, source, use_conv2d=False, use_instancenorm=False)
+    model.wav2vec2.aux = nn.Linear(weight.shape[1], weight.shape[0])
+    model.wav2vec2.aux.load_state_dict({"weight": weight, "bias": bias})
+    return model, vocab
+
+
+def load_finetuned_model(path, map_location="cpu") -> Tuple[Wav2Vec2Model, Tuple[str, ...]]:
+    """(encoder with its CTC head, vocabulary) of a fine-tuned checkpoint file: what evaluate.py decodes with."""
+    model, vocab = finetuned_model(load_checkpoint(path, map_location), path)
+    return model.wav2vec2, vocab

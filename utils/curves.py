@@ -1,9 +1,20 @@
 """Training curves from Lightning's metrics.csv: read them, summarise them, plot them to a PNG."""
 import csv
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 Series = Dict[str, List[Tuple[int, float]]]  # metric -> [(step, value)]
+# One panel: (title, y label, [(metric, line style, legend suffix)]).
+Panel = Tuple[str, str, Sequence[Tuple[str, str, str]]]
+PRETRAINING_PANELS: Sequence[Panel] = (
+    ("loss", "loss per masked frame", [("train_loss_step", "-", "train"), ("val_loss", "o--", "val")]),
+    ("masked accuracy", "masked accuracy", [("train_masked_accuracy", "-", "train"),
+                                            ("val_masked_accuracy", "o--", "val")]),
+)
+FINETUNING_PANELS: Sequence[Panel] = (
+    ("CTC loss", "CTC loss per utterance", [("train_loss_step", "-", "train"), ("val_loss", "o--", "val")]),
+    ("held-out CER", "character error rate (greedy)", [("val_cer", "o--", "val")]),
+)
 
 
 def metrics_csv(exp_dir) -> Path:
@@ -31,29 +42,26 @@ def last(series: Series, name: str, default=float("nan")) -> float:
     return values[-1][1] if values else default
 
 
-def plot_curves(runs: Dict[str, Series], png, title: str = "HuBERT pre-training") -> Path:
-    """Loss (train per step, validation) and masked accuracy (train epoch-to-date, validation) of each run,
-    one colour per run, steps on the x axis."""
+def plot_curves(runs: Dict[str, Series], png, title: str = "HuBERT pre-training",
+                panels: Sequence[Panel] = PRETRAINING_PANELS) -> Path:
+    """One plot per panel (by default loss and masked accuracy, train per step and validation), one colour
+    per run, steps on the x axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
     for i, (label, series) in enumerate(runs.items()):
-        color = f"C{i}"
-        for ax, name, style, suffix in ((ax_loss, "train_loss_step", "-", "train"),
-                                        (ax_loss, "val_loss", "o--", "val"),
-                                        (ax_acc, "train_masked_accuracy", "-", "train"),
-                                        (ax_acc, "val_masked_accuracy", "o--", "val")):
-            points = series.get(name, [])
-            if points:
-                steps, values = zip(*points)
-                ax.plot(steps, values, style, color=color, alpha=0.6 if style == "-" else 1.0,
-                        markersize=3, label=f"{label} {suffix}")
-    ax_loss.set(xlabel="update", ylabel="loss per masked frame", title="loss")
-    ax_acc.set(xlabel="update", ylabel="masked accuracy", title="masked accuracy")
-    for ax in (ax_loss, ax_acc):
+        for ax, (_, _, lines) in zip(axes, panels):
+            for name, style, suffix in lines:
+                points = series.get(name, [])
+                if points:
+                    steps, values = zip(*points)
+                    ax.plot(steps, values, style, color=f"C{i}", alpha=0.6 if style == "-" else 1.0,
+                            markersize=3, label=f"{label} {suffix}")
+    for ax, (panel_title, ylabel, _) in zip(axes, panels):
+        ax.set(xlabel="update", ylabel=ylabel, title=panel_title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)

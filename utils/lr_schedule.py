@@ -1,4 +1,6 @@
-"""Learning-rate schedule of HuBERT pre-training (spec §8.2)."""
+"""Learning-rate schedules: HuBERT pre-training (spec §8.2) and CTC fine-tuning (spec §11.1)."""
+import math
+
 import torch
 
 
@@ -24,4 +26,37 @@ class LinearDecayLRScheduler(torch.optim.lr_scheduler.LRScheduler):
             scale = (self.max_updates - k) / (self.max_updates - self.warmup_updates)
         else:
             scale = 0.0
+        return [base * scale for base in self.base_lrs]
+
+
+class TriStageLRScheduler(torch.optim.lr_scheduler.LRScheduler):
+    """Fine-tuning schedule (spec §11.1): warm-up from ``init_lr_scale * base`` to base over W updates, hold
+    base for H, decay exponentially to ``final_lr_scale * base`` over D, then stay there.
+
+    Update k (1-based) uses ``base * (s0 + k / W * (1 - s0))`` while k <= W, ``base`` while k <= W + H,
+    ``base * exp(ln(s1) * (k - W - H) / D)`` while k <= W + H + D, then ``base * s1``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_updates: int, hold_updates: int,
+                 decay_updates: int, init_lr_scale: float = 0.01, final_lr_scale: float = 0.05, last_epoch=-1):
+        if warmup_updates < 1 or hold_updates < 0 or decay_updates < 1:
+            raise ValueError(f"need warmup_updates >= 1, hold_updates >= 0, decay_updates >= 1, got "
+                             f"{warmup_updates}, {hold_updates}, {decay_updates}")
+        self.warmup_updates = warmup_updates
+        self.hold_updates = hold_updates
+        self.decay_updates = decay_updates
+        self.init_lr_scale = init_lr_scale
+        self.final_lr_scale = final_lr_scale
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self):
+        k, w, h, d = self._step_count, self.warmup_updates, self.hold_updates, self.decay_updates
+        if k <= w:
+            scale = self.init_lr_scale + k / w * (1 - self.init_lr_scale)
+        elif k <= w + h:
+            scale = 1.0
+        elif k <= w + h + d:
+            scale = math.exp(math.log(self.final_lr_scale) * (k - w - h) / d)
+        else:
+            scale = self.final_lr_scale
         return [base * scale for base in self.base_lrs]
