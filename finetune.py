@@ -29,7 +29,7 @@ from model import FACTORIES, infer_arch
 from utils.checkpoint import load_checkpoint
 from utils.ctc import VOCAB
 from utils.callbacks import CheckpointKeeper, TrainStatCallback
-from utils.device import PRECISIONS, apply_precision, resolve_precision, set_hpu_autocast_lists
+from utils.device import PRECISIONS, apply_precision, resolve_precision, set_hpu_autocast_lists, tune_cpu_allocator
 from utils.launch import default_num_nodes
 
 
@@ -177,6 +177,8 @@ def build(args):
     num_nodes = args.num_nodes or default_num_nodes()
     accelerator, devices, strategy = accelerator_and_strategy(args, num_nodes)
     apply_precision(precision, device)
+    if device == "cpu":
+        tune_cpu_allocator()
     ckpt_dir = args.exp_dir / f"checkpoints_{model_name_of(args, module)}"
     callbacks = [CheckpointKeeper(ckpt_dir, args.save_top_k), FineTuneStatCallback(1)]
     tensorboard = TensorBoardLogger(args.exp_dir, name="lightning_logs")

@@ -22,7 +22,7 @@ from model import FACTORIES
 from utils.callbacks import CheckpointKeeper, TrainStatCallback
 from utils.checkpoint import load_checkpoint
 from utils.device import (PRECISIONS, apply_precision, check_devices, hpu_accelerator_and_strategy,
-                          resolve_precision, set_hpu_autocast_lists)
+                          resolve_precision, set_hpu_autocast_lists, tune_cpu_allocator)
 from utils.launch import default_num_nodes, launched_processes
 
 SCRIPT_DIR = Path(__file__).resolve().parent
@@ -225,6 +225,8 @@ def build(args):
     accelerator, devices, strategy = accelerator_and_strategy(args, num_nodes)
     check_dataset_path(args)
     apply_precision(precision, accelerator_name(args))
+    if accelerator_name(args) == "cpu":
+        tune_cpu_allocator()
     rank_zero_info(f"precision: {precision.describe(accelerator_name(args))} "
                    f"({devices} {accelerator_name(args).upper()} x {num_nodes} node(s))")
     ckpt_dir = checkpoint_dir(args.exp_dir, args.dataset, args.model_name)

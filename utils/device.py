@@ -1,6 +1,7 @@
 """The one place that knows about devices. Habana and CUDA specifics are imported lazily, so CPU always
 works and nothing device-specific is needed to import the project."""
 import contextlib
+import ctypes
 import os
 import sys
 from dataclasses import dataclass
@@ -30,6 +31,25 @@ def hpu_graph_breaks(before: Iterable[torch.nn.Module] = (), after: Iterable[tor
         module.register_forward_pre_hook(lambda m, args: mark_step(args[0]) if m.training else None)
     for module in after:
         module.register_forward_hook(lambda m, args, out: mark_step(out) if m.training else None)
+
+
+# glibc's mallopt parameters
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed activation buffers in the process: glibc unmaps blocks above its mmap threshold on free and
+    trims the heap's top, so a CPU training step faults its tens of MB of activations back in every time (a
+    tiny-model step: ~4x the page faults, ~15 % of its time; BENCHMARKS.md). Blocks up to 32 MB stay in the
+    heap, which keeps up to 1 GB free. Nothing outside glibc (returns False)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return all(libc.mallopt(param, value) == 1 for param, value in
+                   ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20)))
+    except (OSError, AttributeError):
+        return False
 
 
 def hpu_count() -> int:
