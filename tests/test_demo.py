@@ -6,7 +6,7 @@ from tools.demo import main
 
 def test_demo_runs_both_iterations_and_reports(tmp_path, capsys):
     rows, finetuned = main(["--out", str(tmp_path / "demo"), "--updates", "4", "4", "--num-cluster", "20",
-                            "--layer-index", "2", "--finetune-updates", "3"])
+                            "--layer-index", "2", "--finetune-updates", "5"])
     assert [r[0] for r in rows] == ["iteration 1", "iteration 2"]
     for _, _, pnmi_seen, pnmi_unseen, acc, prior, ckpts, logs, _ in rows:
         assert 0 < pnmi_seen < 1 and 0 < pnmi_unseen < 1 and 0 <= acc <= 1 and 0 < prior < 1
@@ -17,7 +17,7 @@ def test_demo_runs_both_iterations_and_reports(tmp_path, capsys):
     for tag in ("iter2", "random"):
         ckpt = torch.load(tmp_path / "demo" / f"finetune_{tag}" / "checkpoints_hubert_pretrain_tiny" / "last.ckpt",
                           weights_only=True)
-        assert ckpt["global_step"] == 3 and "aux.weight" in ckpt["state_dict"]
+        assert ckpt["global_step"] == 5 and "aux.weight" in ckpt["state_dict"]
     for png in ("curves.png", "finetune_curves.png"):
         assert (tmp_path / "demo" / png).stat().st_size > 10_000
     out = capsys.readouterr().out
