@@ -56,6 +56,17 @@ def reference(request):
             lambda **f: hubert_pretrain_model(**SMALL, **f))
 
 
+def assert_same_training_logits(ref, ours, batch):
+    """Training mode, same seed: the same masks, dropout and layer drop, so the same logits."""
+    ref.train(), ours.train()
+    torch.manual_seed(11)
+    expected = ref(*batch)
+    torch.manual_seed(11)
+    got = ours(*batch)
+    for a, b in zip(got[:2], expected[:2]):
+        assert_logits_close(a, b)
+
+
 @pytest.mark.parametrize("flags", [{}, HABANA_FLAGS], ids=["default", "habana"])
 def test_eval_logits_and_features_match_torchaudio(reference, flags):
     _, ref, build = reference
@@ -95,14 +106,7 @@ def test_training_forward_matches_torchaudio_draw_for_draw(reference):
     _, ref, build = reference
     ours = build()
     ours.load_state_dict(ref.state_dict())
-    ref.train(), ours.train()
-    batch = make_batch(ref.logit_generator.label_embeddings.shape[0], seed=1)
-    torch.manual_seed(11)
-    expected = ref(*batch)
-    torch.manual_seed(11)
-    got = ours(*batch)
-    for a, b in zip(got[:2], expected[:2]):
-        assert_logits_close(a, b)
+    assert_same_training_logits(ref, ours, make_batch(ref.logit_generator.label_embeddings.shape[0], seed=1))
 
 
 @pytest.mark.parametrize("ours_flags", [{}, {"no_layerdrop": True}], ids=["layer_drop_0", "no_layerdrop"])
@@ -114,14 +118,7 @@ def test_without_layer_drop_the_draws_still_match_torchaudio(ours_flags):
     ref = torchaudio.models.hubert_pretrain_model(**config)
     ours = hubert_pretrain_model(**{**config, "encoder_layer_drop": 0.05} if ours_flags else config, **ours_flags)
     ours.load_state_dict(ref.state_dict())
-    ref.train(), ours.train()
-    batch = make_batch(20, seed=1)
-    torch.manual_seed(11)
-    expected = ref(*batch)
-    torch.manual_seed(11)
-    got = ours(*batch)
-    for a, b in zip(got[:2], expected[:2]):
-        assert_logits_close(a, b)
+    assert_same_training_logits(ref, ours, make_batch(20, seed=1))
 
 
 def test_mask_generator_same_masks_as_torchaudio():
