@@ -1,6 +1,7 @@
 """The HuBERT pre-training LightningModule (spec §8): manual optimisation, global masked-frame loss
 normalisation, gradient accumulation, clipping, metrics reduced across ranks, and resumable data."""
 import time
+import warnings
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -78,6 +79,7 @@ class HuBERTPreTrainModule(pl.LightningModule):
         self._last_step_time: Optional[float] = None
         self._datasets = {}
         self._loaders = {}
+        self._resume_without_data_position = False
 
     # ---- optimisation --------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -222,6 +224,13 @@ class HuBERTPreTrainModule(pl.LightningModule):
     def train_dataloader(self) -> UpdateLoader:
         loader = self._loader("train", train=True)
         loader.start_epoch(self.current_epoch)
+        if self._resume_without_data_position:
+            self._resume_without_data_position = False
+            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            if 0 < done < len(loader):
+                warnings.warn(f"the checkpoint predates resumable data: epoch {self.current_epoch} continues at "
+                              f"update {done}, but its remaining batches are not those the run would have seen")
+            loader.load_state_dict({**loader.state_dict(), "consumed": done})
         return loader
 
     def val_dataloader(self) -> UpdateLoader:
@@ -247,6 +256,8 @@ class HuBERTPreTrainModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Any conv layout and either weight-norm naming resumes any run: convert to this model's."""
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        self._resume_without_data_position = "combined_loader" not in fit_loop  # written before resumable data
         use_conv2d = self.hparams.use_conv2d
         state_dict = convert_weight_norm(checkpoint["state_dict"], legacy=False)
         checkpoint["state_dict"] = convert_conv_layout(state_dict, use_conv2d)

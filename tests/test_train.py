@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -234,3 +235,22 @@ def test_datasets_built_once_epochs_reshuffled_and_checkpoints_written_once(data
     keeper = final["callbacks"]["CheckpointKeeper"]
     assert {name for ranked in keeper["best"].values() for _, name in ranked} | {keeper["newest"]} == set(files) - {
         "last.ckpt"}
+
+
+@pytest.mark.parametrize("interval, step", [(2, 2), (3, 3)], ids=["mid_epoch", "epoch_end"])
+def test_checkpoints_from_before_resumable_data_still_resume(data, tmp_path, interval, step):
+    """A checkpoint written before the train loader kept its position (no loader state in the fit loop) resumes
+    at the loop's update count, with a warning when mid-epoch (not exactly: the batch order is drawn anew)."""
+    common = ["--max-updates", "5", "--warmup-updates", "2", "--seconds-per-batch", "16",
+              "--val-check-interval", str(interval)]
+    train.main(args_for(data, tmp_path / "straight", *common))
+    new = tmp_path / "straight" / "checkpoints_librispeech_hubert_pretrain_tiny" / f"epoch=0-step={step}.ckpt"
+    ckpt = torch.load(new, weights_only=False)
+    del ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, _ = train.main(args_for(data, tmp_path / "resumed", *common, "--resume-checkpoint", str(old)))
+    assert trainer.global_step == 5
+    assert any("predates resumable data" in str(w.message) for w in caught) == (step == 2)
