@@ -54,6 +54,14 @@ def parse_betas(text: str):
     return b1, b2
 
 
+def parse_grad_mult(text: str):
+    """A scale in (0, 1]; 1 means unscaled (the model's None: torchaudio's factories refuse 1.0)."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"--feature-grad-mult must be in (0, 1], got {text}")
+    return None if value == 1 else value
+
+
 def parse_model_arg(text: str):
     """'name=value' with a Python literal value ('mask_prob=0.65', 'encoder_layer_norm_first=True')."""
     name, sep, value = text.partition("=")
@@ -71,7 +79,8 @@ def parse_args(argv=None):
     a("--dataset-path", type=Path, required=True, help="<exp>/data/<feat>/ made by preprocess.py (tsv/, label/)")
     a("--resume-checkpoint", type=Path, default=None, help="checkpoint to resume training from")
     a("--feature-type", choices=["mfcc", "hubert"], required=True, help="mfcc labels are 100 Hz, halved to 50 Hz")
-    a("--feature-grad-mult", type=float, default=0.1, help="CNN gradient scale (base and tiny models)")
+    a("--feature-grad-mult", type=parse_grad_mult, default=0.1,
+      help="CNN gradient scale in (0, 1] (base and tiny models; 1 = unscaled)")
     a("--num-classes", type=int, required=True, help="number of k-means clusters of the labels (100, 500)")
     a("--model-name", default="hubert_pretrain_base", choices=sorted(FACTORIES))
     a("--exp-dir", type=Path, default=Path("./exp"), help="checkpoints and logs go here")

@@ -142,6 +142,16 @@ def test_betas_parse():
         train.parse_betas("0.9")
 
 
+def test_feature_grad_mult_one_means_unscaled(data, tmp_path):
+    assert train.parse_grad_mult("0.1") == 0.1 and train.parse_grad_mult("1") is None
+    with pytest.raises(Exception, match=r"\(0, 1\]"):
+        train.parse_grad_mult("1.5")
+    module = train.build(train.parse_args(["--dataset-path", str(data), "--feature-type", "mfcc",
+                                           "--num-classes", "10", "--model-name", "hubert_pretrain_tiny",
+                                           "--feature-grad-mult", "1", "--exp-dir", str(tmp_path / "exp")]))[1]
+    assert module.model.feature_grad_mult is None
+
+
 def test_tiny_model_brings_its_recipe_and_flags_win():
     base = ["--dataset-path", "x", "--feature-type", "mfcc", "--num-classes", "100"]
     upstream = train.parse_args(base)
