@@ -16,8 +16,8 @@ def test_state_dict_round_trip_and_shapes():
     conv2d = hubert_pretrain_tiny(use_conv2d=True)
     state2d = convert_conv_layout(conv1d.state_dict(), use_conv2d=True)
     conv2d.load_state_dict(state2d)  # strict: every shape fits the conv2d model
-    assert state2d["wav2vec2.feature_extractor.conv_layers.0.conv.weight"].shape == (128, 1, 1, 10)
-    assert state2d["wav2vec2.feature_extractor.conv_layers.6.conv.weight"].shape == (128, 128, 1, 2)
+    assert state2d["wav2vec2.feature_extractor.conv_layers.0.conv.weight"].shape == (64, 1, 1, 10)
+    assert state2d["wav2vec2.feature_extractor.conv_layers.6.conv.weight"].shape == (64, 64, 1, 2)
     back = convert_conv_layout(conv2d.state_dict(), use_conv2d=False)
     for key, value in conv1d.state_dict().items():
         assert torch.equal(back[key], value), key

@@ -17,6 +17,7 @@ import torch
 import train
 from tests.fixtures import make_prepared_dataset
 from utils.checkpoint import load_checkpoint
+from utils.device import fast_cpu_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model-name", "hubert_pretrain_tiny", "--num-workers", "0", "--log-every-n-steps", "1"]
@@ -155,13 +156,16 @@ def test_feature_grad_mult_one_means_unscaled(data, tmp_path):
 def test_tiny_model_brings_its_recipe_and_flags_win():
     base = ["--dataset-path", "x", "--feature-type", "mfcc", "--num-classes", "100"]
     upstream = train.parse_args(base)
-    assert (upstream.learning_rate, upstream.warmup_updates, upstream.max_updates, upstream.seconds_per_batch,
-            upstream.unmasked_weight, upstream.feature_weight) == (0.0005, 32000, 250000, 87.5, 0.0, 10.0)
+    assert {name: getattr(upstream, name) for name in train.UPSTREAM_DEFAULTS} == dict(
+        learning_rate=0.0005, warmup_updates=32000, max_updates=250000, seconds_per_batch=87.5, unmasked_weight=0.0,
+        feature_weight=10.0, precision="auto")
     tiny = train.parse_args(base + ["--model-name", "hubert_pretrain_tiny"])
     assert {name: getattr(tiny, name) for name in train.UPSTREAM_DEFAULTS} == train.RECIPES["hubert_pretrain_tiny"]
     mixed = train.parse_args(base + ["--model-name", "hubert_pretrain_tiny", "--learning-rate", "0.001",
                                      "--feature-weight", "10"])
     assert (mixed.learning_rate, mixed.feature_weight, mixed.unmasked_weight) == (0.001, 10.0, 0.5)
+    assert tiny.precision == ("bf16" if fast_cpu_bf16() else "auto")  # bf16 where the CPU has it in hardware
+    assert train.parse_args(base + ["--model-name", "hubert_pretrain_tiny", "--precision", "fp32"]).precision == "fp32"
 
 
 def test_model_args_and_loss_weights_reach_the_model(tmp_path):
