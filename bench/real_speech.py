@@ -25,6 +25,7 @@ import train  # noqa: E402
 from tools.demo import TINY_ON_CPU  # noqa: E402
 from tools.heldout_quality import heldout_quality, label_folder  # noqa: E402
 from tools.layer_quality import layer_quality, tsv_files  # noqa: E402
+from utils.checkpoint import load_checkpoint  # noqa: E402
 from utils.common_utils import atomic_write  # noqa: E402
 from utils.curves import last, metrics_csv, plot_curves, read_metrics  # noqa: E402
 from utils.feature_utils import Extractor, hubert_extractor, mfcc_extractor  # noqa: E402
@@ -73,12 +74,16 @@ def make_labels(args, exp: Path, checkpoint=None, layer=None) -> Path:
 
 def iteration(args, name: str, data: Path, feature_type: str, extra) -> dict:
     """Train one iteration on ``data`` and score it: accuracy over the label prior, PNMI of every layer."""
-    exp = args.out / name
-    start = time.perf_counter()
-    train.main(["--dataset-path", str(data), "--exp-dir", str(exp), "--feature-type", feature_type,
-                "--num-classes", str(args.num_cluster), *TINY_ON_CPU, "--val-check-interval",
-                str(args.val_check_interval), "--log-every-n-steps", "10", *extra])
-    minutes = (time.perf_counter() - start) / 60
+    exp, start = args.out / name, time.perf_counter()
+    argv = ["--dataset-path", str(data), "--exp-dir", str(exp), "--feature-type", feature_type, "--num-classes",
+            str(args.num_cluster), *TINY_ON_CPU, "--val-check-interval", str(args.val_check_interval),
+            "--log-every-n-steps", "10", *extra]
+    last_ckpt = exp / CHECKPOINT
+    if last_ckpt.exists() and load_checkpoint(last_ckpt)["global_step"] >= train.parse_args(argv).max_updates:
+        minutes = float("nan")  # trained by an earlier run of this script
+    else:  # a run that was interrupted resumes
+        train.main(argv + (["--resume-checkpoint", str(last_ckpt)] if last_ckpt.exists() else []))
+        minutes = (time.perf_counter() - start) / 60
     series = read_metrics(metrics_csv(exp))
     layers = layer_quality(exp / CHECKPOINT, tsv_files(data / "tsv" / "librispeech_train.tsv"), args.phone_audio,
                            args.phone_alignments, args.num_cluster, args.layer_norm)

@@ -75,12 +75,12 @@ def test_real_speech_runs_both_iterations(tmp_path, capsys):
     """On the demo corpus (the real-speech data stays outside the repo): held-out speakers validate, their
     alignments score the labels."""
     corpus = REPO / "demo_data"
-    result = real_speech.main([
-        "--train-dir", str(corpus / "LibriSpeech" / "train-clean-100"),
-        "--valid-dir", str(corpus / "LibriSpeech" / "dev-clean"),
-        "--phone-audio", str(corpus / "LibriSpeech" / "dev-clean"),
-        "--phone-alignments", str(corpus / "alignments" / "dev-clean.tsv"), "--out", str(tmp_path / "run"),
-        "--num-cluster", "12", "--val-check-interval", "2", "--", "--max-updates", "2", "--warmup-updates", "1"])
+    argv = ["--train-dir", str(corpus / "LibriSpeech" / "train-clean-100"),
+            "--valid-dir", str(corpus / "LibriSpeech" / "dev-clean"),
+            "--phone-audio", str(corpus / "LibriSpeech" / "dev-clean"),
+            "--phone-alignments", str(corpus / "alignments" / "dev-clean.tsv"), "--out", str(tmp_path / "run"),
+            "--num-cluster", "12", "--val-check-interval", "2", "--", "--max-updates", "2", "--warmup-updates", "1"]
+    result = real_speech.main(argv)
     assert "PNMI per layer" in capsys.readouterr().out
     valid = (tmp_path / "mfcc_12" / "data" / "mfcc" / "tsv" / "librispeech_valid.tsv").read_text().splitlines()
     assert valid[0].endswith("dev-clean")
@@ -91,6 +91,9 @@ def test_real_speech_runs_both_iterations(tmp_path, capsys):
         assert 0 < r["prior_accuracy"] < 1 and r["ratio"] == r["val_masked_accuracy"] / r["prior_accuracy"]
     assert (tmp_path / "run" / "data" / f"hubert_{result['iter1']['best_layer']['layer']}" / "label").is_dir()
     assert (tmp_path / "run" / "results.json").is_file() and (tmp_path / "run" / "curves.png").is_file()
+    again = real_speech.main(["--iterations", "1", *argv])  # a re-run scores the trained model, trains nothing
+    assert len(list((tmp_path / "run" / "iter1" / "lightning_logs").glob("version_*"))) == 1
+    assert again["iter1"]["layers"] == result["iter1"]["layers"]
 
 
 def test_gpu_suite_cpu_smoke_prints_every_row(tmp_path):
