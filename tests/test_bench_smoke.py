@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import data_path, flops, real_speech, recompiles, tiny_study, train_step
+from bench import data_path, flops, real_speech, recompiles, tiny_speed, tiny_study, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,3 +109,9 @@ def test_gpu_suite_cpu_smoke_prints_every_row(tmp_path):
                    "| preprocess | HuBERT layer 2", "| preprocess | whole preprocess.py", "| kmeans | sklearn",
                    "| kmeans | faiss GPU"]:
         assert needle in table, needle
+
+
+def test_tiny_speed_times_every_variant(capsys):
+    medians = tiny_speed.main(["--seconds", "1", "--rounds", "1", "--warmup", "0", "--threads", "1"])
+    assert list(medians) == list(tiny_speed.VARIANTS) and all(t > 0 for t in medians.values())
+    assert "time vs before" in capsys.readouterr().out
