@@ -163,6 +163,8 @@ def print_tables(results: dict, baselines: dict, to_hours: float) -> dict:
         if iteration in baselines:
             print(f"{'baseline':<10}" + "".join(f"{b['rss']:>10.0f}{b['disk']:>8.1f}{b['cpu']:>8.1f}" if b else " " * 26
                                               for b in baselines[iteration]))
+        if len(by_size) < 2:
+            continue  # nothing to extrapolate along
         ext = extrapolated[iteration] = extrapolate(by_size, to_hours)
         print(f"line fit: value = a + b * hours; at {to_hours:g} h")
         print(f"{'stage':<10}{'RSS a MB':>10}{'b MB/h':>9}{'RSS GB':>9}{'disk MB/h':>11}{'disk GB':>9}"
@@ -179,7 +181,7 @@ def print_tables(results: dict, baselines: dict, to_hours: float) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hours", default="0.5,1,2,4", help="corpus sizes, audio hours")
+    p.add_argument("--hours", default="0.5,1,2,4", help="corpus sizes, audio hours (two or more to extrapolate)")
     p.add_argument("--iterations", default="1,2")
     p.add_argument("--num-cluster", type=int, default=100)
     p.add_argument("--percent", type=float, default=0.1, help="iteration 2's k-means sample")
@@ -193,8 +195,6 @@ def parse_args(argv=None):
     args.hours = [float(h) for h in args.hours.split(",")]
     args.iterations = [int(i) for i in args.iterations.split(",")]
     args.baseline_hours = [float(h) for h in args.baseline_hours.split(",")] if args.baseline_hours else args.hours
-    if len(args.hours) < 2:
-        p.error("--hours needs at least two sizes (the figures are extrapolated along them)")
     return args
 
 

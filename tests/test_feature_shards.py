@@ -50,7 +50,7 @@ def test_upstream_pt_shard_is_read(tmp_path):
 
 
 def test_bad_utterance_or_count_leaves_no_shard(tmp_path):
-    with pytest.raises(ValueError, match=r"train_1_1.npy: utterance 2 has features of shape \(4, 5\), expected \(3, 5\)"):
+    with pytest.raises(ValueError, match=r"train_1_1.npy: utterance 2 has features of shape \(4, 5\), expected \(3"):
         write_shard(tmp_path, "train", 1, 1, iter(utterances([2, 4])), [2, 3], 5, key="k")
     with pytest.raises(ValueError, match="got 1 utterances' features, expected 2"):
         write_shard(tmp_path, "train", 1, 1, iter(utterances([2])), [2, 3], 5, key="k")

@@ -115,7 +115,8 @@ def test_dump_skips_finished_shards_and_redoes_changed_ones(tmp_path):
     assert not dump_features(shards[1], feat_dir, extractor)
     feat.unlink()  # an incomplete shard is redone
     assert dump_features(shards[1], feat_dir, extractor)
-    tsv.write_text(f"{tmp_path / 'audio'}\n" + "".join(f"{i}.flac\t{n}\n" for i, n in reversed(list(enumerate(lengths)))))
+    reordered = "".join(f"{i}.flac\t{n}\n" for i, n in reversed(list(enumerate(lengths))))
+    tsv.write_text(f"{tmp_path / 'audio'}\n{reordered}")
     shards = read_shards(tsv, "train", 2)
     assert dump_features(shards[1], feat_dir, extractor)  # same file names, other TSV content
     assert torch.load(lens).tolist() == [(lengths[0] - 400) // 160 + 1]
