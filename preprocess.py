@@ -1,36 +1,43 @@
 r"""Make the k-means labels for one HuBERT pre-training iteration: step 1 of each iteration.
 
-    file lists (tsv/) -> MFCC or HuBERT-layer features (feat/) -> k-means on train (km_model/)
-    -> frame labels for train and valid (label/)
+    file lists (tsv/, every audio file checked) -> features of the k-means sample (feat/) -> k-means on them
+    (km_model/) -> frame labels of train and valid (label/), the features of the other utterances extracted
+    on the fly
 
-Everything goes under <exp-dir>/data/<mfcc|hubert_<layer>>/, in upstream's file names and formats, and
-that folder is train.py's --dataset-path. Iteration 1 (MFCC, 100 clusters):
+Everything goes under <exp-dir>/data/<mfcc|hubert_<layer>>/, in upstream's file names and formats where they
+are read (tsv/, km_model/, label/), and that folder is train.py's --dataset-path. Iteration 1 (MFCC, 100
+clusters on all frames):
     python preprocess.py --root-dir /data/itr1_data/960_extract --exp-dir ./exp --feat-type mfcc
 Iteration 2 (layer 6 of the iteration-1 model, 500 clusters fitted on 10 % of the utterances):
     python preprocess.py --root-dir ... --exp-dir ./exp --feat-type hubert --layer-index 6 \
         --checkpoint-path exp/checkpoints_librispeech_hubert_pretrain_base/epoch=...ckpt \
         --num-cluster 500 --percent 0.1 --num-rank 40 --use-gpu
 
-The features are dumped in --num-rank shards: one after the other (default), only shard --rank R (for
-jobs you spread yourself; then run once more without --rank to fit k-means and label), or in parallel with
+The work is cut into --num-rank shards of the file lists, done one after the other (default), in parallel with
     python -m torch.distributed.run --standalone --nproc_per_node=N preprocess.py ...
-where process k dumps shards k+1, k+1+N, ..., process 0 fits k-means, and the labels are split again.
-A re-run skips the shards (and the k-means fit) whose inputs did not change.
+(process k does shards k+1, k+1+N, ...; process 0 fits k-means), or by jobs you spread yourself: --rank R does
+shard R of the stage that can run now (its k-means features, or once k-means is fitted its labels), a run
+without --rank fits k-means and finishes what is missing (--fit-only stops after the fit). Markers (*.done)
+hold a hash of each output's inputs: a re-run redoes only what is missing or stale.
 """
 import argparse
 import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from utils.common_utils import create_tsv
-from utils.feature_utils import dump_features, hubert_extractor, mfcc_extractor, shard_paths
-from utils.kmeans import BACKENDS, dump_label_shard, import_faiss, learn_kmeans, load_centers, merge_label_shards
+from utils.common_utils import AUDIO_CHECKS, TsvSummary, create_tsv
+from utils.feature_utils import (Extractor, Shard, dump_features, feature_key, file_sha256, hubert_extractor,
+                                 mfcc_extractor, read_shards)
+from utils.kmeans import BACKENDS, fitted_inertia, import_faiss, kmeans_key, kmeans_picks, learn_kmeans, load_centers
+from utils.labels import is_done, label_paths, label_shard, merge_label_parts, split_key
 
 log = logging.getLogger("preprocess")
 
@@ -77,14 +84,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--valid-percent", type=float, default=0.01,
                         help="fraction of the files that go to the valid split; 0 = no valid split")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/valid split, --percent and k-means")
-    parser.add_argument("--rank", type=int, default=None, help="dump only feature shard R of --num-rank, then stop")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="do only shard R of --num-rank (for jobs you spread yourself), of the stage that can run "
+                             "now: its k-means features before the fit, its labels once k-means is fitted")
+    parser.add_argument("--fit-only", action="store_true",
+                        help="stop once k-means is fitted (then --rank jobs write the labels)")
     parser.add_argument("--skip-bad", action="store_true",
                         help="leave unusable audio files out of the file lists instead of stopping")
+    parser.add_argument("--audio-check", choices=AUDIO_CHECKS, default="tail",
+                        help="how each audio file is checked before any heavy work: header only; tail: also decode "
+                             "its last samples after a seek (catches truncated files); full: decode it all (also "
+                             "catches corrupt frames; ~10x the cost of tail)")
     args = parser.parse_args(argv)
     if args.num_rank < 1 or args.num_cluster < 1:
         parser.error("--num-rank and --num-cluster must be at least 1")
     if args.rank is not None and not 1 <= args.rank <= args.num_rank:
         parser.error(f"--rank must be in [1, --num-rank={args.num_rank}], got {args.rank}")
+    if args.rank is not None and args.fit_only:
+        parser.error("--fit-only is for the run that fits k-means, not for a --rank job")
     if args.percent == 0 or args.percent > 1:
         parser.error(f"--percent must be negative (all) or in (0, 1], got {args.percent}")
     if not 0 <= args.valid_percent <= 1:
@@ -112,18 +129,34 @@ def barrier(world_size: int) -> None:
         dist.barrier()
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(funcName)s: %(message)s" if args.debug else "%(message)s")
-    start_time = time.perf_counter()
+@dataclass
+class Job:
+    """What every stage needs: the arguments, this process's place among the workers, the features."""
+    args: argparse.Namespace
+    world_size: int
+    rank: int
+    device: torch.device
+    extractor: Extractor
+    data_dir: Path
+
+    def __post_init__(self):
+        self.tsv_dir, self.feat_dir, self.km_dir, self.label_dir = (
+            self.data_dir / d for d in ("tsv", "feat", "km_model", "label"))
+        self.splits = ["train", "valid"] if self.args.valid_percent > 0 else ["train"]
+
+    def mine(self, shards: List[Shard]) -> List[Shard]:
+        """This process's shards: --rank R, or every world_size-th from its rank."""
+        if self.args.rank:
+            return [shards[self.args.rank - 1]]
+        return shards[self.rank::self.world_size]
+
+
+def setup(args) -> Job:
+    """The job of this process; reads the checkpoint (and imports faiss) first, so a bad one fails early."""
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if world_size > 1 and args.rank is not None:
         raise ValueError("--rank is for jobs you start yourself; under torch.distributed.run leave it out")
     device = pick_device(args, int(os.environ.get("LOCAL_RANK", 0)))
-
-    # The checkpoint (and faiss, if asked for) is read first: a bad one fails before any long work.
     if args.kmeans_backend == "faiss":
         import_faiss()
     if args.feat_type == "mfcc":
@@ -131,45 +164,115 @@ def main(argv=None) -> None:
     else:
         extractor = hubert_extractor(args.checkpoint_path, args.layer_index, device)
         data_dir = args.exp_dir / "data" / f"hubert_{args.layer_index}"
-    tsv_dir, feat_dir, km_dir, label_dir = (data_dir / d for d in ("tsv", "feat", "km_model", "label"))
     if world_size > 1:
         # Process 0 fits k-means while the others wait at a barrier: allow for a long fit.
         dist.init_process_group("gloo", timeout=timedelta(days=7))
+    return Job(args, world_size, rank, device, extractor, data_dir)
 
-    if rank == 0:
-        listing = create_tsv(args.root_dir, tsv_dir, args.dataset, args.valid_percent, args.seed,
-                             skip_bad=args.skip_bad)
-    barrier(world_size)
-    splits = ["train", "valid"] if args.valid_percent > 0 else ["train"]
-    my_shards = [args.rank] if args.rank else range(rank + 1, args.num_rank + 1, world_size)
-    for split in splits:
-        for shard in my_shards:
-            dump_features(tsv_dir / f"{args.dataset}_{split}.tsv", feat_dir, split, shard, args.num_rank, extractor)
-    if args.rank:
-        log.info("shard %d/%d done in %.1f s; run again without --rank (once all shards are done) to fit "
-                 "k-means and write the labels", args.rank, args.num_rank, time.perf_counter() - start_time)
+
+def make_file_lists(job: Job) -> TsvSummary:
+    args = job.args
+    return create_tsv(args.root_dir, job.tsv_dir, args.dataset, args.valid_percent, args.seed,
+                      skip_bad=args.skip_bad, check=args.audio_check)
+
+
+@dataclass
+class Plan:
+    """The shards of each split, the utterances k-means fits on and the key of that fit: all known from the
+    file lists before any feature is extracted."""
+    shards: Dict[str, List[Shard]]
+    picks: List[Optional[List[int]]]  # per train shard; None = all its utterances
+    kmeans_key: str
+
+    @classmethod
+    def read(cls, job: Job) -> "Plan":
+        args = job.args
+        shards = {split: read_shards(job.tsv_dir / f"{args.dataset}_{split}.tsv", split, args.num_rank)
+                  for split in job.splits}
+        picks = kmeans_picks([len(shard.lines) for shard in shards["train"]], args.percent, args.seed)
+        keys = [feature_key(shard, job.extractor, keep) for shard, keep in zip(shards["train"], picks)]
+        return cls(shards, picks, kmeans_key(keys, args.num_cluster, args.seed, args.kmeans_backend))
+
+    def keep(self, shard: Shard) -> Optional[Sequence[int]]:
+        """The utterances of a shard whose features are stored: the k-means sample (none of valid)."""
+        return self.picks[shard.rank - 1] if shard.split == "train" else ()
+
+
+def dump_kmeans_features(job: Job, plan: Plan) -> None:
+    """Step 2: the features k-means fits on (train only; with --percent only the sampled utterances)."""
+    for shard in job.mine(plan.shards["train"]):
+        dump_features(shard, job.feat_dir, job.extractor, plan.keep(shard))
+
+
+def fit(job: Job) -> float:
+    """Step 3: k-means on the stored train features; the valid split is labelled with this model too."""
+    args = job.args
+    return learn_kmeans(job.feat_dir, "train", args.num_rank, job.km_dir, args.num_cluster, args.seed,
+                        args.kmeans_backend, gpu=job.device.type == "cuda")
+
+
+def write_label_parts(job: Job, plan: Plan) -> None:
+    """Step 4: the label part of each of this process's shards, of train and valid, that is not done yet."""
+    centers, model_key = load_centers(job.km_dir, job.device), file_sha256(job.km_dir / "model.pt")
+    for split in job.splits:
+        if is_done(label_paths(job.label_dir, split), split_key(plan.shards[split], job.extractor, model_key)):
+            log.info("%s labels are already done", split)
+            continue
+        for shard in job.mine(plan.shards[split]):
+            label_shard(shard, job.extractor, job.feat_dir, job.label_dir, centers, model_key, plan.keep(shard))
+
+
+def merge_labels(job: Job, plan: Plan) -> List[str]:
+    """Join the label parts of each split into label_{split}.pt (upstream's file); returns their names."""
+    model_key = file_sha256(job.km_dir / "model.pt")
+    for split in job.splits:
+        if not is_done(label_paths(job.label_dir, split), split_key(plan.shards[split], job.extractor, model_key)):
+            merge_label_parts(job.label_dir, plan.shards[split], job.extractor, model_key)
+    return [label_paths(job.label_dir, split)[0].name for split in job.splits]
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(funcName)s: %(message)s" if args.debug else "%(message)s")
+    start_time = time.perf_counter()
+    job = setup(args)
+    if job.rank == 0:
+        listing = make_file_lists(job)
+    barrier(job.world_size)
+    plan = Plan.read(job)
+    inertia = fitted_inertia(job.km_dir, plan.kmeans_key)
+    if inertia is None:
+        dump_kmeans_features(job, plan)
+        if args.rank:
+            log.info("k-means features of train shard %d/%d done in %.1f s; once every shard's are, run without "
+                     "--rank to fit k-means (and write the labels, or add --fit-only and run the --rank jobs "
+                     "again for them)", args.rank, args.num_rank, time.perf_counter() - start_time)
+            return
+        barrier(job.world_size)
+        if job.rank == 0:
+            inertia = fit(job)
+        barrier(job.world_size)
+    if args.fit_only:
+        log.info("k-means fitted in %.1f s; the --rank jobs now write the label parts", time.perf_counter() - start_time)
         return
-
-    barrier(world_size)
-    if rank == 0:  # on train only; valid is labelled with the train model
-        inertia = learn_kmeans(feat_dir, "train", args.num_rank, km_dir, args.num_cluster, args.percent, args.seed,
-                               args.kmeans_backend, gpu=device.type == "cuda")
-    barrier(world_size)
-    centers = load_centers(km_dir, device)
-    for split in splits:
-        for shard in my_shards:
-            dump_label_shard(feat_dir, centers, label_dir, split, shard, args.num_rank)
-    barrier(world_size)
-    if rank == 0:
-        label_files = [merge_label_shards(label_dir, split, args.num_rank).name for split in splits]
-        frames = sum(int(torch.load(shard_paths(feat_dir, split, r, args.num_rank)[1], weights_only=True).sum())
-                     for split in splits for r in range(1, args.num_rank + 1))
+    write_label_parts(job, plan)
+    if args.rank:
+        log.info("labels of shard %d/%d done in %.1f s; once every shard's are, run without --rank to join them",
+                 args.rank, args.num_rank, time.perf_counter() - start_time)
+        return
+    barrier(job.world_size)
+    if job.rank == 0:
+        label_files = merge_labels(job, plan)
+        frames = sum(job.extractor.frames(n) for shards in plan.shards.values() for shard in shards
+                     for n in shard.num_samples())
         log.info(
             "done: %d train / %d valid files (%d skipped), %.2f h of audio, %d frames of dim %d, k-means "
             "K=%d inertia %.4f, wrote %s in %s in %.1f s", len(listing.train), len(listing.valid),
-            len(listing.skipped), listing.hours(), frames, extractor.dim, args.num_cluster, inertia,
-            " ".join(label_files), label_dir, time.perf_counter() - start_time)
-    if world_size > 1:
+            len(listing.skipped), listing.hours(), frames, job.extractor.dim, args.num_cluster, inertia,
+            " ".join(label_files), job.label_dir, time.perf_counter() - start_time)
+    if job.world_size > 1:
         dist.destroy_process_group()
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import data_path, flops, real_speech, recompiles, tiny_speed, tiny_study, train_step
+from bench import (audio_check, data_path, flops, preprocess_scale, real_speech, recompiles, tiny_speed, tiny_study,
+                   train_step)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,3 +116,28 @@ def test_tiny_speed_times_every_variant(capsys):
     medians = tiny_speed.main(["--seconds", "1", "--rounds", "1", "--warmup", "0", "--threads", "1"])
     assert list(medians) == list(tiny_speed.VARIANTS) and all(t > 0 for t in medians.values())
     assert "time vs before" in capsys.readouterr().out
+
+
+def test_preprocess_scale_measures_every_stage(tmp_path, capsys):
+    """One tiny size (one process per stage, plus a whole run as the baseline); the line fits on given rows."""
+    out = preprocess_scale.main(["--hours", "0.05", "--iterations", "2", "--num-cluster", "4", "--percent", "0.5",
+                                 "--valid-percent", "0.3", "--work", str(tmp_path), "--baseline", str(REPO)])
+    result, = out["results"][2]
+    assert 0.04 < result["hours"] < 0.07
+    assert set(result["rows"]) == set(preprocess_scale.STAGES)
+    assert all(row["rss"] > 100 and row["cpu"] > 0 for row in result["rows"].values())
+    assert 0 < result["rows"]["fit"]["sample"] <= result["rows"]["features"]["disk"]
+    assert result["rows"]["labels"]["disk"] > 0 and result["rows"]["tsv"]["disk"] > 0
+    assert out["baselines"][2][0]["rss"] > 100 and out["baselines"][2][0]["disk"] > result["rows"]["features"]["disk"]
+    assert "iteration 2: peak RSS MB" in capsys.readouterr().out
+    rows = [dict(hours=h, rows={stage: dict(rss=1000 + 10 * h, disk=2 * h, cpu=3 * h, sample=2 * h)
+                                for stage in preprocess_scale.STAGES}) for h in (1, 2, 4)]
+    fitted = preprocess_scale.extrapolate(rows, 960)
+    assert fitted["fit"]["rss"]["at"] == pytest.approx(10600) and fitted["run"]["disk"]["per_hour"] == pytest.approx(8)
+
+
+def test_audio_check_costs_every_check(capsys):
+    rows = audio_check.main(["--files", "4", "--rounds", "1"])
+    assert list(rows) == ["header", "tail", "full"]
+    assert 0 < rows["header"]["ms_per_file"] and rows["header"]["s_per_hour"] < rows["full"]["s_per_hour"]
+    assert "CPU min at 960 h" in capsys.readouterr().out

@@ -80,11 +80,21 @@ def test_dataset_name_and_no_valid_split(corpus, tmp_path):
     assert len(read_lines(tmp_path / "librilight_train.tsv")) == 1 + 8
 
 
-def test_empty_valid_split_is_an_error(corpus, tmp_path):
-    root, _ = corpus
-    with pytest.raises(ValueError, match="no file fell into the valid split"):
-        create_tsv(root, tmp_path, valid_percent=0.01)  # the 8 seed-0 draws are all above 0.01
-    assert not list(tmp_path.iterdir())
+def test_small_corpus_gets_one_valid_file_the_smallest_draw(corpus, tmp_path, caplog):
+    root, files = corpus
+    caplog.set_level("INFO")
+    summary = create_tsv(root, tmp_path, valid_percent=0.01)  # the 8 seed-0 draws are all above 0.01
+    draws = torch.rand(8, generator=torch.Generator().manual_seed(0))
+    assert draws.min() > 0.01
+    smallest = files[int(draws.argmin())]
+    assert summary.valid == [smallest] and summary.train == [f for f in files if f != smallest]
+    assert read_lines(tmp_path / "librispeech_valid.tsv")[1:] == [f"{smallest[0]}\t{smallest[1]}"]
+    assert f"moved {smallest[0]} (the smallest draw) to valid" in caplog.text
+    (one := tmp_path / "one" / "train").mkdir(parents=True)
+    soundfile.write(one / "a.flac", tone(16000, 200, 0), 16000)
+    with pytest.raises(ValueError, match="a valid split needs at least 2 usable files"):
+        create_tsv(one, tmp_path / "one_tsv", valid_percent=0.01)
+    assert create_tsv(one, tmp_path / "one_tsv", valid_percent=0).train == [("a.flac", 16000)]
 
 
 def test_listing_ignores_hidden_and_sorts(corpus):
@@ -123,6 +133,44 @@ def test_audio_checks_name_every_bad_file_at_once(tmp_path_factory):
     assert len(summary.skipped) == 5
     assert read_lines(root / "tsv/librispeech_train.tsv")[1:] == [
         "train-clean-100/1/1/good.flac\t16000", "train-clean-100/1/1/short_but_fine.flac\t400"]
+
+
+def test_truncated_and_corrupt_flac_are_caught_by_decoding(tmp_path):
+    """A FLAC cut after its header still reports its full length: only decoding finds out. Decoding the tail
+    after a seek catches the cut; a corrupt frame in the middle takes the full decode."""
+    soundfile.write(tmp_path / "good.flac", tone(64000, 200, 0), 16000)
+    flac = (tmp_path / "good.flac").read_bytes()
+    (tmp_path / "cut.flac").write_bytes(flac[:len(flac) * 2 // 3])
+    (tmp_path / "cut_early.flac").write_bytes(flac[:3000])
+    middle = bytearray(flac)
+    middle[len(flac) // 2:len(flac) // 2 + 300] = bytes(300)
+    (tmp_path / "middle.flac").write_bytes(bytes(middle))
+    expected = {"header": {"good": None, "cut": None, "cut_early": None, "middle": None},
+                "tail": {"good": None, "cut": "truncated", "cut_early": "truncated", "middle": None},
+                "full": {"good": None, "cut": "truncated", "cut_early": "truncated", "middle": "corrupt"}}
+    for check, outcomes in expected.items():
+        for name, problem in outcomes.items():
+            num_samples, why = audio_problem(tmp_path / f"{name}.flac", check)
+            assert num_samples == 64000 and (why is None if problem is None else problem in why), (check, name, why)
+
+
+def test_truncated_and_8khz_files_are_named_in_one_error_and_skipped(tmp_path):
+    folder = tmp_path / "train-clean-100/1/1"
+    folder.mkdir(parents=True)
+    for i in range(2):
+        soundfile.write(folder / f"good{i}.flac", tone(16000, 200, i), 16000)
+    soundfile.write(folder / "rate8k.flac", tone(8000, 200, 1), 8000)
+    soundfile.write(folder / "cut.flac", tone(48000, 200, 2), 16000)
+    flac = (folder / "cut.flac").read_bytes()
+    (folder / "cut.flac").write_bytes(flac[:len(flac) // 3])
+    with pytest.raises(BadAudioError) as error:
+        create_tsv(tmp_path, tmp_path / "tsv", valid_percent=0.0)
+    assert str(error.value).startswith("2 bad audio file(s)")
+    assert f"{folder / 'rate8k.flac'}: sample rate 8000 Hz" in str(error.value)
+    assert f"{folder / 'cut.flac'}: cannot be decoded up to sample 48000: truncated or corrupt" in str(error.value)
+    summary = create_tsv(tmp_path, tmp_path / "tsv", valid_percent=0.0, skip_bad=True, workers=2)
+    assert [rel for rel, _ in summary.train] == [f"train-clean-100/1/1/good{i}.flac" for i in range(2)]
+    assert sorted(path.name for path, _ in summary.skipped) == ["cut.flac", "rate8k.flac"]
 
 
 def test_atomic_write_leaves_nothing_when_interrupted(tmp_path):

@@ -1,5 +1,6 @@
 """Feature extraction and shard dumping: shard ranges, audio loading, MFCC against torchaudio, HuBERT layer
-features from a checkpoint, and skip/recompute of finished shards."""
+features from a checkpoint and their frame counts, skip/recompute of finished shards, the k-means sample only,
+and features read back or extracted."""
 import numpy as np
 import pytest
 import soundfile
@@ -8,8 +9,9 @@ import torchaudio
 
 from model import hubert_pretrain_tiny
 from tests.test_common_utils import tone
-from utils.feature_utils import (dump_features, hubert_extractor, load_audio, mfcc_extractor, shard_paths,
-                                 shard_range)
+from utils.feature_shards import load_shard, shard_paths
+from utils.feature_utils import (dump_features, hubert_extractor, load_audio, mfcc_extractor, read_shards,
+                                 shard_features, shard_range)
 
 
 def save_checkpoint(path, **flags):
@@ -65,6 +67,7 @@ def test_mfcc_equals_torchaudio_and_has_100hz_frames():
         deltas = torchaudio.functional.compute_deltas(mfcc)
         expected = torch.cat([mfcc, deltas, torchaudio.functional.compute_deltas(deltas)]).T
         assert torch.equal(feature, expected)
+        assert extractor.frames(num_samples) == len(feature)
     assert extractor.dim == 39
 
 
@@ -79,26 +82,64 @@ def test_hubert_layer_features_in_eval_mode_from_a_conv2d_checkpoint(tmp_path):
         expected = model.wav2vec2.extract_features(waveform[None], num_layers=3)[0][-1][0]
     torch.testing.assert_close(feature, expected, atol=1e-5, rtol=0)
     assert torch.equal(extractor.extract(waveform), feature)
+    for num_samples in (400, 719, 720, 1039, 1040, 12345):  # frame counts known before extraction
+        assert extractor.frames(num_samples) == len(extractor.extract(waveform[:num_samples]))
     with pytest.raises(ValueError, match="--layer-index 7 is out of range: .*conv2d.ckpt has 6"):
         hubert_extractor(tmp_path / "conv2d.ckpt", 7, "cpu")
 
 
-def test_dump_skips_finished_shards_and_redoes_changed_ones(tmp_path):
+def audio_list(tmp_path, lengths):
     root = tmp_path / "audio"
     root.mkdir()
-    lengths = [4000, 5000, 6001]
     for i, n in enumerate(lengths):
         soundfile.write(root / f"{i}.flac", tone(n, 200 + 30 * i, i), 16000, subtype="PCM_16")
     tsv = tmp_path / "list.tsv"
     tsv.write_text(f"{root}\n" + "".join(f"{i}.flac\t{n}\n" for i, n in enumerate(lengths)))
+    return tsv
+
+
+def test_dump_skips_finished_shards_and_redoes_changed_ones(tmp_path):
+    lengths = [4000, 5000, 6001]
+    tsv = audio_list(tmp_path, lengths)
     feat_dir, extractor = tmp_path / "feat", mfcc_extractor()
-    assert [dump_features(tsv, feat_dir, "train", r, 2, extractor) for r in (1, 2)] == [True, True]
+    shards = read_shards(tsv, "train", 2)
+    assert [len(shard.lines) for shard in shards] == [2, 1]  # round(1.5) = 2
+    assert [dump_features(shard, feat_dir, extractor) for shard in shards] == [True, True]
+    feat, lens, done = shard_paths(feat_dir, "train", 1, 2)
+    assert torch.load(lens).tolist() == [(n - 400) // 160 + 1 for n in lengths[:2]]
+    feats, int_lens = load_shard(feat_dir, "train", 1, 2)
+    assert feats.shape == (sum(int_lens), 39) and np.load(feat).shape == feats.shape
+    expected = [extractor.extract(load_audio(tmp_path / f"audio/{i}.flac")) for i in (0, 1)]
+    assert torch.equal(feats, torch.cat(expected))
     feat, lens, done = shard_paths(feat_dir, "train", 2, 2)
-    assert torch.load(lens).tolist() == [(n - 400) // 160 + 1 for n in lengths[2:]]  # round(1.5) = 2
-    assert torch.load(feat).shape == (sum(torch.load(lens).int()), 39)
-    assert not dump_features(tsv, feat_dir, "train", 2, 2, extractor)
+    assert not dump_features(shards[1], feat_dir, extractor)
     feat.unlink()  # an incomplete shard is redone
-    assert dump_features(tsv, feat_dir, "train", 2, 2, extractor)
-    tsv.write_text(f"{root}\n" + "".join(f"{i}.flac\t{n}\n" for i, n in reversed(list(enumerate(lengths)))))
-    assert dump_features(tsv, feat_dir, "train", 2, 2, extractor)  # same file names, other TSV content
+    assert dump_features(shards[1], feat_dir, extractor)
+    reordered = "".join(f"{i}.flac\t{n}\n" for i, n in reversed(list(enumerate(lengths))))
+    tsv.write_text(f"{tmp_path / 'audio'}\n{reordered}")
+    shards = read_shards(tsv, "train", 2)
+    assert dump_features(shards[1], feat_dir, extractor)  # same file names, other TSV content
     assert torch.load(lens).tolist() == [(lengths[0] - 400) // 160 + 1]
+
+
+def test_a_sample_shard_holds_only_its_utterances_and_the_rest_is_extracted(tmp_path):
+    lengths = [4000, 5000, 6001, 7002]
+    tsv = audio_list(tmp_path, lengths)
+    feat_dir, extractor = tmp_path / "feat", mfcc_extractor()
+    shard, = read_shards(tsv, "train", 1)
+    every = [extractor.extract(shard.waveform(i)) for i in range(4)]
+    assert dump_features(shard, feat_dir, extractor, keep=[1, 3])
+    feats, int_lens = load_shard(feat_dir, "train", 1, 1)
+    assert int_lens.tolist() == [len(every[1]), len(every[3])] and torch.equal(feats, torch.cat([every[1], every[3]]))
+    assert dump_features(shard, feat_dir, extractor, keep=[0, 3])  # another sample: redone
+    assert not dump_features(shard, feat_dir, extractor, keep=[0, 3])
+
+    extracted = []
+    extract = extractor.extract
+    extractor.extract = lambda waveform: extracted.append(len(waveform)) or extract(waveform)
+    for a, b in zip(shard_features(shard, extractor, feat_dir, keep=[0, 3]), every, strict=True):
+        assert torch.equal(a, b)
+    assert extracted == lengths[1:3]  # utterances 0 and 3 were read back
+    extracted.clear()
+    assert all(torch.equal(a, b) for a, b in zip(shard_features(shard, extractor, feat_dir, keep=[1, 2]), every))
+    assert extracted == lengths  # the stored shard holds another sample: everything is extracted

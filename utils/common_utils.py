@@ -1,11 +1,14 @@
 """Step 1 of preprocessing: the TSV file lists (upstream-spec §1.1, §3.2), the audio checks that run before
 any heavy work, and the atomic writes every output goes through."""
+import glob
 import logging
 import os
 import re
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -37,8 +40,24 @@ def atomic_write(path, mode: str = "wb"):
         tmp.unlink(missing_ok=True)
 
 
-def audio_problem(path) -> Tuple[int, Optional[str]]:
-    """(num_samples, None) for a usable clip, else (0, why it is unusable). Reads only the header."""
+def remove_stale_temp_files(*paths) -> None:
+    """Remove what killed runs left of ``atomic_write(path)``: for outputs that one process alone writes (a
+    shard's files), which can be as large as the shard."""
+    for path in map(Path, paths):
+        for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+AUDIO_CHECKS = ("header", "tail", "full")
+TAIL_SAMPLES = 4096  # the last ~0.26 s: a few FLAC frames
+
+
+def audio_problem(path, check: str = "tail") -> Tuple[int, Optional[str]]:
+    """(num_samples, None) for a usable clip, else (num_samples or 0, why it is unusable).
+
+    ``check`` is how much is read: ``header`` the header only; ``tail`` also decodes the last TAIL_SAMPLES
+    samples after a seek, which catches a file cut short (its header still gives the full length);
+    ``full`` decodes every sample, which also catches corrupt frames in the middle."""
     try:
         if os.path.getsize(path) == 0:
             return 0, "empty file (0 bytes)"
@@ -54,7 +73,34 @@ def audio_problem(path) -> Tuple[int, Optional[str]]:
         problems.append(f"{info.channels} channels, expected mono")
     if info.frames < MIN_SAMPLES:
         problems.append(f"only {info.frames} samples, shorter than one 25 ms frame ({MIN_SAMPLES} samples)")
-    return info.frames, "; ".join(problems) or None
+    if not problems and check != "header":
+        problems.append(decode_problem(path, info.frames, full=check == "full"))
+    return info.frames, "; ".join(filter(None, problems)) or None
+
+
+def decode_problem(path, num_samples: int, full: bool) -> Optional[str]:
+    """None if the samples decode up to the length the header gives (all of them, or the tail after a seek)."""
+    start = 0 if full else max(0, num_samples - TAIL_SAMPLES)
+    decoded = start
+    try:
+        with soundfile.SoundFile(str(path)) as f:
+            f.seek(start)
+            for block in f.blocks(1 << 16, dtype="float32"):
+                decoded += len(block)
+    except (soundfile.LibsndfileError, RuntimeError, OSError) as e:
+        return f"cannot be decoded up to sample {num_samples}: truncated or corrupt ({e})"
+    if decoded != num_samples:
+        return f"decodes to {decoded} samples but its header says {num_samples}: truncated or corrupt"
+    return None
+
+
+def check_audio(paths: List[Path], check: str = "tail",
+                workers: Optional[int] = None) -> List[Tuple[int, Optional[str]]]:
+    """``audio_problem`` of every path, in order, on a pool of threads (libsndfile releases the GIL while it
+    decodes, and reads overlap on network file systems); one thread per available core by default."""
+    with ThreadPool(workers or len(os.sched_getaffinity(0))) as pool:
+        return list(tqdm(pool.imap(partial(audio_problem, check=check), paths, chunksize=16), total=len(paths),
+                         desc=f"checking audio ({check})", unit="file"))
 
 
 def list_audio(root_dir: Path, extension: str = "flac") -> List[Path]:
@@ -80,51 +126,58 @@ class TsvSummary:
 
 
 def create_tsv(root_dir, tsv_dir, dataset: str = "librispeech", valid_percent: float = 0.01, seed: int = 0,
-               extension: str = "flac", skip_bad: bool = False) -> TsvSummary:
+               extension: str = "flac", skip_bad: bool = False, check: str = "tail",
+               workers: Optional[int] = None) -> TsvSummary:
     """Write ``{dataset}_train.tsv`` and ``{dataset}_valid.tsv`` (the latter only if valid_percent > 0).
 
     As upstream, only files whose full path contains "train" are used, and each draws one uniform number
     from a generator seeded with ``seed`` (a local ``torch.Generator``: same numbers as
     ``torch.manual_seed(seed)``, global RNG untouched); it goes to valid if the number <= valid_percent.
-    Unlike upstream the files are taken in sorted order. Every used file's header is checked first; bad
-    files raise one BadAudioError listing all of them, or with ``skip_bad`` are left out as if absent
-    (they draw no number).
+    Unlike upstream the files are taken in sorted order, and when no draw falls into valid (a small corpus)
+    the file with the smallest draw goes there. Every used file is checked first (``audio_problem`` with
+    ``check``); bad files raise one BadAudioError listing all of them, or with ``skip_bad`` are left out as
+    if absent (they draw no number).
     """
     if not 0 <= valid_percent <= 1:
         raise ValueError(f"valid_percent must be in [0, 1], got {valid_percent}")
     root_dir, tsv_dir = Path(root_dir), Path(tsv_dir)
     if not root_dir.is_dir():
         raise FileNotFoundError(f"--root-dir {root_dir} is not a folder")
+    used = [rel for rel in list_audio(root_dir, extension) if re.match(".*train.*", str(root_dir / rel))]
     generator = torch.Generator().manual_seed(seed)
-    summary = TsvSummary()
-    for rel in tqdm(list_audio(root_dir, extension), desc="checking audio", unit="file"):
-        path = root_dir / rel
-        if not re.match(".*train.*", str(path)):
-            continue
-        num_samples, problem = audio_problem(path)
+    summary, rows = TsvSummary(), []
+    for rel, (num_samples, problem) in zip(used, check_audio([root_dir / rel for rel in used], check, workers)):
         if problem:
-            summary.skipped.append((path, problem))
-            continue
-        draw = torch.rand(1, generator=generator).item()
-        in_valid = valid_percent > 0 and draw <= valid_percent  # a draw of exactly 0 stays in train at 0
-        (summary.valid if in_valid else summary.train).append((str(rel), num_samples))
+            summary.skipped.append((root_dir / rel, problem))
+        else:
+            rows.append((str(rel), num_samples, torch.rand(1, generator=generator).item()))
     if summary.skipped and not skip_bad:
         listing = "\n".join(f"  {path}: {why}" for path, why in summary.skipped)
         raise BadAudioError(f"{len(summary.skipped)} bad audio file(s) under {root_dir} (fix or remove them, "
                             f"or pass --skip-bad to leave them out):\n{listing}")
     for path, why in summary.skipped:
         log.warning("skipped %s: %s", path, why)
-    if not summary.train:
+    if not rows:
         raise ValueError(f"no usable .{extension} file with 'train' in its path under {root_dir}")
-    if valid_percent > 0 and not summary.valid:
-        raise ValueError(f"no file fell into the valid split ({len(summary.train)} train files, valid_percent "
-                         f"{valid_percent}): use more data or a larger --valid-percent")
+    in_valid = [valid_percent > 0 and draw <= valid_percent for _, _, draw in rows]  # a draw of 0 stays at 0
+    if valid_percent > 0 and not any(in_valid):
+        if len(rows) < 2:
+            raise ValueError(f"a valid split needs at least 2 usable files, {root_dir} has 1: add files or "
+                             "pass --valid-percent 0")
+        smallest = min(range(len(rows)), key=lambda i: rows[i][2])
+        in_valid[smallest] = True
+        log.info("no draw of the %d files fell into the valid split (valid_percent %g): moved %s (the smallest "
+                 "draw) to valid", len(rows), valid_percent, rows[smallest][0])
+    for (rel, num_samples, _), valid in zip(rows, in_valid):
+        (summary.valid if valid else summary.train).append((rel, num_samples))
+    if not summary.train:
+        raise ValueError(f"every file of {root_dir} fell into the valid split: lower --valid-percent")
     tsv_dir.mkdir(parents=True, exist_ok=True)
     splits = {"train": summary.train, "valid": summary.valid} if valid_percent > 0 else {"train": summary.train}
-    for name, rows in splits.items():
+    for name, split_rows in splits.items():
         with atomic_write(tsv_dir / f"{dataset}_{name}.tsv", "w") as f:
             f.write(f"{root_dir}\n")
-            f.writelines(f"{rel}\t{n}\n" for rel, n in rows)
+            f.writelines(f"{rel}\t{n}\n" for rel, n in split_rows)
     log.info("listed %d train / %d valid files (%d skipped) in %s", len(summary.train), len(summary.valid),
              len(summary.skipped), tsv_dir)
     return summary

@@ -1,16 +1,17 @@
-"""Step 2 of preprocessing (upstream-spec §3.3): per-utterance MFCC or HuBERT-layer features, dumped in
-shards ``feat/{split}_{rank}_{num_rank}.pt`` (float32, (sum T, D)) and ``feat/len_{split}_{rank}_{num_rank}.pt``
-(float32 frame counts).
+"""Step 2 of preprocessing (upstream-spec §3.3): per-utterance MFCC or HuBERT-layer features of the TSV's
+shards (upstream's ``shard_range``), streamed into the shard files of ``utils.feature_shards`` for k-means
+(all of a shard's utterances, or the ``--percent`` sample only) or extracted on the fly for the labels.
 
-A third file, ``{split}_{rank}_{num_rank}.done``, is written last and holds a hash of the shard's TSV lines
-and of the feature settings: a shard is complete (and skipped on a re-run) only when it matches.
+A shard's ``.done`` marker holds a hash of its TSV lines, of the feature settings and of which utterances it
+holds: a shard is complete (and skipped on a re-run) only when it matches.
 """
 import hashlib
 import logging
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import soundfile
 import torch
@@ -19,7 +20,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from utils.checkpoint import load_pretrained_model
-from utils.common_utils import SAMPLE_RATE, atomic_write
+from utils.common_utils import SAMPLE_RATE
+from utils.feature_shards import ShardReader, shard_is_done, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +52,36 @@ def shard_range(n: int, rank: int, num_rank: int) -> Tuple[int, int]:
     return round(n / num_rank * (rank - 1)), round(n / num_rank * rank)
 
 
-def shard_paths(feat_dir, split: str, rank: int, num_rank: int) -> Tuple[Path, Path, Path]:
-    """(features, lengths, done marker) of one shard."""
-    feat_dir = Path(feat_dir)
-    name = f"{split}_{rank}_{num_rank}"
-    return feat_dir / f"{name}.pt", feat_dir / f"len_{name}.pt", feat_dir / f"{name}.done"
+@dataclass
+class Shard:
+    """Shard ``rank`` (1-based) of ``num_rank`` of a split's file list: its root and lines."""
+    split: str
+    rank: int
+    num_rank: int
+    root: str
+    lines: List[str]
+
+    @property
+    def name(self) -> str:
+        return f"{self.split} {self.rank}/{self.num_rank}"
+
+    def num_samples(self) -> List[int]:
+        return [int(line.split("\t")[1]) for line in self.lines]
+
+    def key(self, extractor: "Extractor") -> str:
+        """Hash of everything the shard's features depend on."""
+        return hashlib.sha256("\n".join([extractor.description, self.root, *self.lines]).encode()).hexdigest()
+
+    def waveform(self, i: int) -> Tensor:
+        rel, num_samples = self.lines[i].split("\t")
+        return load_audio(f"{self.root}/{rel}", int(num_samples))
+
+
+def read_shards(tsv_file, split: str, num_rank: int) -> List[Shard]:
+    """The ``num_rank`` shards of a TSV file list (some may be empty when it has fewer lines)."""
+    root, lines = read_tsv(tsv_file)
+    return [Shard(split, rank, num_rank, root, lines[slice(*shard_range(len(lines), rank, num_rank))])
+            for rank in range(1, num_rank + 1)]
 
 
 def load_audio(path, num_samples: Optional[int] = None) -> Tensor:
@@ -74,11 +101,13 @@ def load_audio(path, num_samples: Optional[int] = None) -> Tensor:
 
 @dataclass
 class Extractor:
-    """What a feature type gives ``dump_features``: waveform (N,) -> features (T, D), the width D, and a
-    description that goes into the shard hash (so another checkpoint or layer recomputes the shards)."""
+    """A feature type: waveform (N,) -> features (T, D), the width D, the frame count T of N samples (known
+    before extraction, so shard files are written with their final shape), and a description that goes
+    into the shard hash (so another checkpoint or layer recomputes the shards)."""
     extract: Callable[[Tensor], Tensor]
     dim: int
     description: str
+    frames: Callable[[int], int]
 
 
 def mfcc_extractor() -> Extractor:
@@ -95,7 +124,7 @@ def mfcc_extractor() -> Extractor:
         ddeltas = torchaudio.functional.compute_deltas(deltas)
         return torch.cat([mfcc, deltas, ddeltas], dim=0).transpose(0, 1).contiguous()
 
-    return Extractor(extract, 39, "mfcc")
+    return Extractor(extract, 39, "mfcc", lambda num_samples: (num_samples - 400) // 160 + 1)
 
 
 def file_sha256(path) -> str:
@@ -122,40 +151,45 @@ def hubert_extractor(checkpoint_path, layer_index: int, device) -> Extractor:
             layers, _ = wav2vec2.extract_features(waveform[None].to(device), num_layers=layer_index)
         return layers[-1][0].float().cpu()
 
+    def frames(num_samples: int) -> int:
+        for conv in wav2vec2.feature_extractor.conv_layers:
+            num_samples = max(0, (num_samples - conv.kernel_size) // conv.stride + 1)
+        return num_samples
+
     description = f"hubert layer {layer_index} of checkpoint sha256 {file_sha256(checkpoint_path)}"
-    return Extractor(extract, model.config["encoder_embed_dim"], description)
+    return Extractor(extract, model.config["encoder_embed_dim"], description, frames)
 
 
-def shard_key(root: str, lines: List[str], extractor: Extractor) -> str:
-    """Hash of everything a shard's content depends on."""
-    return hashlib.sha256("\n".join([extractor.description, root, *lines]).encode()).hexdigest()
+def feature_key(shard: Shard, extractor: Extractor, keep: Optional[Sequence[int]] = None) -> str:
+    """Hash of a shard's feature file: the shard, and which of its utterances it holds (None: all)."""
+    key = shard.key(extractor)
+    return key if keep is None else hashlib.sha256(f"{key} keep {list(keep)}".encode()).hexdigest()
 
 
-def shard_is_done(feat_dir, split: str, rank: int, num_rank: int, key: str) -> bool:
-    feat, lengths, done = shard_paths(feat_dir, split, rank, num_rank)
-    return feat.is_file() and lengths.is_file() and done.is_file() and done.read_text() == key
-
-
-def dump_features(tsv_file, feat_dir, split: str, rank: int, num_rank: int, extractor: Extractor) -> bool:
-    """Extract and save the features of shard ``rank`` of ``tsv_file``; False if it was already done."""
-    root, lines = read_tsv(tsv_file)
-    start, end = shard_range(len(lines), rank, num_rank)
-    key = shard_key(root, lines[start:end], extractor)
-    if shard_is_done(feat_dir, split, rank, num_rank, key):
-        log.info("%s shard %d/%d is already done", split, rank, num_rank)
+def dump_features(shard: Shard, feat_dir, extractor: Extractor, keep: Optional[Sequence[int]] = None) -> bool:
+    """Extract the features of a shard's utterances (those at the sorted positions ``keep``, if given: the
+    k-means sample) and stream them into its feature file; False if it was already done."""
+    key = feature_key(shard, extractor, keep)
+    if shard_is_done(feat_dir, shard.split, shard.rank, shard.num_rank, key):
+        log.info("%s features are already done", shard.name)
         return False
-    feats, lens = [], []
-    for line in tqdm(lines[start:end], desc=f"{split} features {rank}/{num_rank}", unit="file"):
-        rel, num_samples = line.split("\t")
-        feature = extractor.extract(load_audio(f"{root}/{rel}", int(num_samples)))
-        feats.append(feature)
-        lens.append(len(feature))
-    feat_path, len_path, done_path = shard_paths(feat_dir, split, rank, num_rank)
-    Path(feat_dir).mkdir(parents=True, exist_ok=True)
-    with atomic_write(feat_path) as f:
-        torch.save(torch.cat(feats) if feats else torch.zeros(0, extractor.dim), f)
-    with atomic_write(len_path) as f:
-        torch.save(torch.tensor(lens, dtype=torch.float32), f)
-    with atomic_write(done_path, "w") as f:
-        f.write(key)
+    keep = range(len(shard.lines)) if keep is None else keep
+    num_samples = shard.num_samples()
+    lengths = [extractor.frames(num_samples[i]) for i in keep]
+    features = (extractor.extract(shard.waveform(i)) for i in tqdm(keep, desc=f"{shard.name} features", unit="file"))
+    write_shard(feat_dir, shard.split, shard.rank, shard.num_rank, features, lengths, extractor.dim, key)
     return True
+
+
+def shard_features(shard: Shard, extractor: Extractor, feat_dir, keep: Optional[Sequence[int]] = None,
+                   desc: str = "features") -> Iterator[Tensor]:
+    """The features of every utterance of a shard, in order: read from its feature file where that holds them
+    (as ``dump_features(shard, feat_dir, extractor, keep)`` wrote it), extracted otherwise."""
+    stored = shard_is_done(feat_dir, shard.split, shard.rank, shard.num_rank, feature_key(shard, extractor, keep))
+    kept = (set(range(len(shard.lines))) if keep is None else set(keep)) if stored else set()
+    with ExitStack() as stack:
+        if kept:
+            reader = stack.enter_context(ShardReader(feat_dir, shard.split, shard.rank, shard.num_rank))
+            lengths = iter(reader.lengths.tolist())
+        for i in tqdm(range(len(shard.lines)), desc=f"{shard.name} {desc}", unit="file"):
+            yield reader.read(next(lengths)) if i in kept else extractor.extract(shard.waveform(i))

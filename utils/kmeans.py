@@ -1,21 +1,20 @@
-"""Steps 3 and 4 of preprocessing (upstream-spec §3.4, §3.5): fit k-means on the train features, then
-label every frame of train and valid with its nearest centre.
+"""Step 3 of preprocessing (upstream-spec §3.4): fit k-means on the train features (the ``--percent`` sample),
+and the nearest-centre rule that labels frames (§3.5).
 
 ``km_model/model.pt`` is a joblib pickle of the fitted sklearn ``MiniBatchKMeans`` (as upstream), whichever
 backend fitted it; ``km_model/model.done`` (JSON: a hash of the inputs and the inertia) lets a re-run skip the
 fit. The optional faiss backend (``pip install faiss-cpu``, or faiss-gpu) runs Lloyd's k-means on every frame
 from upstream's greedy k-means++ start: inertia within 1 % of sklearn's, 3-4x faster on CPU for 768-dim
 features, on the GPU if faiss has CUDA (bench/kmeans.py).
-Labels are written per shard to ``label/label_{split}_{rank}_{num_rank}.part`` and then joined, in shard
-order (= TSV order), into ``label/label_{split}.pt``: plain text, one line of cluster ids per utterance.
+The labels themselves are written by ``utils.labels``.
 """
 import hashlib
 import importlib
 import json
 import logging
-import shutil
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence
 
 import joblib
 import numpy as np
@@ -26,42 +25,37 @@ from torch import Tensor
 from tqdm import tqdm
 
 from utils.common_utils import atomic_write
-from utils.feature_utils import shard_paths
+from utils.feature_shards import ShardReader, shard_paths
 
 log = logging.getLogger(__name__)
 
 
-def load_shard(feat_dir, split: str, rank: int, num_rank: int) -> Tuple[Tensor, Tensor]:
-    """A shard's features, memory-mapped (rows are read only when used), and its int64 lengths; checks that
-    they agree."""
-    feat_path, len_path, _ = shard_paths(feat_dir, split, rank, num_rank)
-    for path in (feat_path, len_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"feature shard {path} is missing (run the feature step for all shards)")
-    feats = torch.load(feat_path, mmap=True, weights_only=True)
-    lengths = torch.load(len_path, weights_only=True).long()
-    if feats.ndim != 2 or feats.shape[0] != lengths.sum():
-        raise ValueError(f"{feat_path} has shape {tuple(feats.shape)} but {len_path} sums to "
-                         f"{int(lengths.sum())} frames: the shard is inconsistent, delete it and re-run")
-    return feats, lengths
-
-
-def load_feature(feat_dir, split: str, num_rank: int, percent: float, seed: int) -> Tensor:
-    """All frames of a split (percent < 0), or those of int(n_utts * percent) random utterances per shard
-    (``torch.randperm`` on a generator seeded with ``seed``, picks sorted), as one float32 tensor. Only
-    the sampled rows are read from disk."""
+def kmeans_picks(sizes: Sequence[int], percent: float, seed: int) -> List[Optional[List[int]]]:
+    """The utterances k-means fits on, as sorted positions per shard of ``sizes`` utterances: all (None) for a
+    negative ``percent``, else int(n * percent) of each shard's n, from ``torch.randperm`` on one generator
+    seeded with ``seed``, shard after shard (upstream's draw, seeded). They depend on the shard sizes only, so
+    they are known before any feature is extracted."""
+    if percent < 0:
+        return [None] * len(sizes)
     generator = torch.Generator().manual_seed(seed)
-    parts = []
-    for rank in range(1, num_rank + 1):
-        feats, lengths = load_shard(feat_dir, split, rank, num_rank)
-        if percent < 0:
-            parts.append(feats)
-            continue
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-        picks = torch.randperm(len(lengths), generator=generator)[:int(len(lengths) * percent)].sort().values
-        rows = [torch.arange(offsets[i], offsets[i + 1]) for i in picks.tolist()]
-        parts.append(feats.index_select(0, torch.cat(rows)) if rows else feats[:0])
-    return torch.cat(parts)
+    return [torch.randperm(n, generator=generator)[:int(n * percent)].sort().values.tolist() for n in sizes]
+
+
+def gather_sample(feat_dir, split: str, num_rank: int) -> np.ndarray:
+    """Every stored frame of a split's shards (the k-means sample: ``dump_features`` stored only that) as one
+    float32 array, allocated once and filled shard by shard with plain reads: the sample is held once."""
+    with ExitStack() as stack:
+        readers = [stack.enter_context(ShardReader(feat_dir, split, r, num_rank)) for r in range(1, num_rank + 1)]
+        dims = {reader.dim for reader in readers if reader.rows}
+        if len(dims) > 1:
+            raise ValueError(f"the {split} feature shards in {feat_dir} have different widths {sorted(dims)}")
+        feats = np.empty((sum(reader.rows for reader in readers), dims.pop() if dims else readers[0].dim),
+                         dtype=np.float32)
+        start = 0
+        for reader in tqdm(readers, desc="reading the k-means sample", unit="shard"):
+            reader.read(reader.rows, out=feats[start:start + reader.rows])
+            start += reader.rows
+    return feats
 
 
 BACKENDS = ("sklearn", "faiss")
@@ -130,22 +124,35 @@ def as_minibatch_kmeans(centers: np.ndarray, inertia: float, seed: int) -> MiniB
     return km
 
 
-def learn_kmeans(feat_dir, split: str, num_rank: int, km_dir, n_clusters: int, percent: float = -1,
-                 seed: int = 0, backend: str = "sklearn", gpu: bool = False) -> float:
-    """Fit k-means on a split's features and save it to ``km_dir/model.pt``; returns the inertia (mean
-    squared distance of a frame to its centre). Skipped when a fit of the same inputs (backend included,
-    not ``gpu``) is already saved."""
-    km_dir = Path(km_dir)
-    km_path, done_path = km_dir / "model.pt", km_dir / "model.done"
-    shard_keys = [shard_paths(feat_dir, split, r, num_rank)[2] for r in range(1, num_rank + 1)]
-    key = hashlib.sha256(json.dumps([[p.read_text() if p.is_file() else "" for p in shard_keys],
-                                     n_clusters, percent, seed, backend]).encode()).hexdigest()
+def kmeans_key(shard_keys: Sequence[str], n_clusters: int, seed: int, backend: str) -> str:
+    """Hash of a fit's inputs: the feature shards' keys (their done markers), K, the seed and the backend."""
+    return hashlib.sha256(json.dumps([list(shard_keys), n_clusters, seed, backend]).encode()).hexdigest()
+
+
+def fitted_inertia(km_dir, key: str) -> Optional[float]:
+    """The inertia of the saved fit if it was made from the inputs ``key``, else None."""
+    km_path, done_path = Path(km_dir) / "model.pt", Path(km_dir) / "model.done"
     if km_path.is_file() and done_path.is_file():
         done = json.loads(done_path.read_text())
         if done["key"] == key:
-            log.info("k-means model %s is already fitted on these features", km_path)
             return done["inertia"]
-    feats = load_feature(feat_dir, split, num_rank, percent, seed).numpy()
+    return None
+
+
+def learn_kmeans(feat_dir, split: str, num_rank: int, km_dir, n_clusters: int, seed: int = 0,
+                 backend: str = "sklearn", gpu: bool = False) -> float:
+    """Fit k-means on the stored features of a split's shards and save it to ``km_dir/model.pt``; returns the
+    inertia (mean squared distance of a frame to its centre). Skipped when a fit of the same inputs (backend
+    included, not ``gpu``) is already saved."""
+    km_dir = Path(km_dir)
+    km_path, done_path = km_dir / "model.pt", km_dir / "model.done"
+    markers = [shard_paths(feat_dir, split, r, num_rank)[2] for r in range(1, num_rank + 1)]
+    key = kmeans_key([p.read_text() if p.is_file() else "" for p in markers], n_clusters, seed, backend)
+    inertia = fitted_inertia(km_dir, key)
+    if inertia is not None:
+        log.info("k-means model %s is already fitted on these features", km_path)
+        return inertia
+    feats = gather_sample(feat_dir, split, num_rank)
     if len(feats) < n_clusters:
         raise ValueError(f"k-means needs at least {n_clusters} frames (--num-cluster) but got {len(feats)}: "
                          "use more data or a larger --percent")
@@ -174,10 +181,15 @@ def load_centers(km_dir, device) -> Tensor:
     return torch.as_tensor(joblib.load(km_path).cluster_centers_, dtype=torch.float32, device=device)
 
 
+def predict_chunk(n_clusters: int) -> int:
+    """Rows that ``predict`` labels at a time: 2^24 distances (64 MB)."""
+    return max(1, (1 << 24) // n_clusters)
+
+
 def predict(feats: Tensor, centers: Tensor, chunk_frames: Optional[int] = None) -> Tensor:
     """Index of the nearest centre (squared Euclidean distance) of every row, in chunks of rows so memory
     stays bounded (chunk x K distances at a time)."""
-    chunk_frames = chunk_frames or max(1, (1 << 24) // len(centers))
+    chunk_frames = chunk_frames or predict_chunk(len(centers))
     c, c_norm = centers.T, centers.pow(2).sum(1)
     labels = []
     for start in range(0, len(feats), chunk_frames):
@@ -185,33 +197,3 @@ def predict(feats: Tensor, centers: Tensor, chunk_frames: Optional[int] = None) 
         dist = x.pow(2).sum(1, keepdim=True) - 2 * x @ c + c_norm
         labels.append(dist.argmin(1).cpu())
     return torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
-
-
-def label_part_path(label_dir, split: str, rank: int, num_rank: int) -> Path:
-    return Path(label_dir) / f"label_{split}_{rank}_{num_rank}.part"
-
-
-def dump_label_shard(feat_dir, centers: Tensor, label_dir, split: str, rank: int, num_rank: int) -> Path:
-    """Label one feature shard and write its lines (one per utterance) to a part file."""
-    feats, lengths = load_shard(feat_dir, split, rank, num_rank)
-    labels = predict(feats, centers)
-    path = label_part_path(label_dir, split, rank, num_rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path, "w") as f:
-        for utterance in tqdm(labels.split(lengths.tolist()), desc=f"{split} labels {rank}/{num_rank}",
-                              unit="utt", leave=False):
-            f.write(" ".join(map(str, utterance.tolist())) + "\n")
-    return path
-
-
-def merge_label_shards(label_dir, split: str, num_rank: int) -> Path:
-    """Join the part files of a split, in shard order, into ``label_{split}.pt`` and remove them."""
-    parts = [label_part_path(label_dir, split, r, num_rank) for r in range(1, num_rank + 1)]
-    path = Path(label_dir) / f"label_{split}.pt"
-    with atomic_write(path) as out:
-        for part in parts:
-            with open(part, "rb") as f:
-                shutil.copyfileobj(f, out)
-    for part in parts:
-        part.unlink()
-    return path
