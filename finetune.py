@@ -29,7 +29,7 @@ from model import FACTORIES, infer_arch
 from utils.checkpoint import load_checkpoint
 from utils.ctc import VOCAB
 from utils.callbacks import CheckpointKeeper, TrainStatCallback
-from utils.device import PRECISIONS, apply_precision, resolve_precision, set_hpu_autocast_lists, tune_cpu_allocator
+from utils.device import PRECISIONS, configure_process, resolve_precision, set_hpu_autocast_lists
 from utils.launch import default_num_nodes
 
 
@@ -96,8 +96,10 @@ def parse_args(argv=None):
         p.error("give --dataset-path, or both --train-dir and --valid-dir")
     if args.aux_num_out != len(VOCAB):
         p.error(f"--aux-num-out must be {len(VOCAB)}, the size of the character vocabulary")
-    if args.autocast and args.precision == "fp32":
-        p.error("--autocast asks for bf16 autocast and --precision fp32 for none: give one of them")
+    try:
+        resolve_precision(args.precision, train.accelerator_name(args), args.autocast)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -176,18 +178,15 @@ def build(args):
         seed=args.seed, use_autocast=precision.autocast)
     num_nodes = args.num_nodes or default_num_nodes()
     accelerator, devices, strategy = accelerator_and_strategy(args, num_nodes)
-    apply_precision(precision, device)
-    if device == "cpu":
-        tune_cpu_allocator()
+    configure_process(precision, device)
     ckpt_dir = args.exp_dir / f"checkpoints_{model_name_of(args, module)}"
     callbacks = [CheckpointKeeper(ckpt_dir, args.save_top_k), FineTuneStatCallback(1)]
     tensorboard = TensorBoardLogger(args.exp_dir, name="lightning_logs")
     loggers = [tensorboard, CSVLogger(args.exp_dir, name="lightning_logs", version=tensorboard.version)]
     trainer = pl.Trainer(
-        default_root_dir=args.exp_dir, max_steps=args.max_updates,
-        num_nodes=num_nodes, accelerator=accelerator, devices=devices,
-        strategy=strategy, use_distributed_sampler=False, callbacks=callbacks, logger=loggers, enable_checkpointing=False,
-        reload_dataloaders_every_n_epochs=1, check_val_every_n_epoch=None, val_check_interval=args.val_check_interval,
+        default_root_dir=args.exp_dir, max_steps=args.max_updates, num_nodes=num_nodes, accelerator=accelerator,
+        devices=devices, strategy=strategy, use_distributed_sampler=False, callbacks=callbacks, logger=loggers,
+        enable_checkpointing=False, reload_dataloaders_every_n_epochs=1, check_val_every_n_epoch=None, val_check_interval=args.val_check_interval,
         num_sanity_val_steps=0, log_every_n_steps=args.log_every_n_steps,
     )
     if trainer.is_global_zero:

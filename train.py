@@ -21,8 +21,8 @@ from lightning import MAX_LEN, MIN_LEN, SAMPLE_RATE, HuBERTPreTrainModule, check
 from model import FACTORIES
 from utils.callbacks import CheckpointKeeper, TrainStatCallback
 from utils.checkpoint import load_checkpoint
-from utils.device import (PRECISIONS, apply_precision, check_devices, fast_cpu_bf16, hpu_accelerator_and_strategy,
-                          resolve_precision, set_hpu_autocast_lists, tune_cpu_allocator)
+from utils.device import (PRECISIONS, check_devices, configure_process, fast_cpu_bf16, hpu_accelerator_and_strategy,
+                          resolve_precision, set_hpu_autocast_lists)
 from utils.launch import default_num_nodes, launched_processes
 
 SCRIPT_DIR = Path(__file__).resolve().parent
@@ -180,8 +180,10 @@ def check_args(args) -> str:
         return f"need 0 < --warmup-updates ({args.warmup_updates}) < --max-updates ({args.max_updates})"
     if not args.clip_norm > 0:
         return f"--clip-norm must be positive, got {args.clip_norm}"
-    if args.precision == "fp32" and args.use_autocast:
-        return "--autocast asks for bf16 autocast and --precision fp32 for none: give one of them"
+    try:
+        resolve_precision(args.precision, accelerator_name(args), args.use_autocast)
+    except ValueError as e:
+        return str(e)
     longest, what = MAX_LEN, "the longest training utterance"
     if args.align_buckets == "bucket1":  # the batch budget counts every utterance at its bucket-aligned length
         longest = BucketAligner(tuple(bucket_boundaries(args.num_buckets, MIN_LEN, MAX_LEN).tolist()))(MAX_LEN)
@@ -236,9 +238,7 @@ def build(args):
     num_nodes = args.num_nodes or default_num_nodes()
     accelerator, devices, strategy = accelerator_and_strategy(args, num_nodes)
     check_dataset_path(args)
-    apply_precision(precision, accelerator_name(args))
-    if accelerator_name(args) == "cpu":
-        tune_cpu_allocator()
+    configure_process(precision, accelerator_name(args))
     rank_zero_info(f"precision: {precision.describe(accelerator_name(args))} "
                    f"({devices} {accelerator_name(args).upper()} x {num_nodes} node(s))")
     ckpt_dir = checkpoint_dir(args.exp_dir, args.dataset, args.model_name)
@@ -282,6 +282,18 @@ def run_train(args):
 
 def main(argv=None):
     return run_train(parse_args(argv))
+
+
+def main_to_end(argv) -> bool:
+    """``main(argv)`` for scripts that may be re-run: nothing when the run's ``last.ckpt`` already reached
+    ``--max-updates``, a resume from it when a run was interrupted. Whether it trained."""
+    args = parse_args(argv)
+    last = checkpoint_dir(args.exp_dir, args.dataset, args.model_name) / "last.ckpt"
+    if last.exists() and load_checkpoint(last)["global_step"] >= args.max_updates:
+        return False
+    args.resume_checkpoint = last if last.exists() else None
+    run_train(args)
+    return True
 
 
 if __name__ == "__main__":

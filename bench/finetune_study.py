@@ -22,7 +22,6 @@ import preprocess  # noqa: E402
 import train  # noqa: E402
 from bench.tiny_study import RECIPE as PRETRAIN_RECIPE  # noqa: E402
 from tools.demo import finetune_and_score  # noqa: E402
-from utils.checkpoint import load_checkpoint  # noqa: E402
 from utils.curves import FINETUNING_PANELS, plot_curves  # noqa: E402
 
 CKPT = "checkpoints_librispeech_hubert_pretrain_tiny/last.ckpt"
@@ -43,13 +42,10 @@ def parse_args(argv=None):
 
 def pretrain(args, feature_type: str, data: Path, exp: Path, updates: int) -> Path:
     """One pre-training iteration, resumed from its last.ckpt if it was interrupted."""
-    last = exp / CKPT
-    if not (last.exists() and load_checkpoint(last)["global_step"] >= updates):
-        resume = ["--resume-checkpoint", str(last)] if last.exists() else []
-        train.main(["--dataset-path", str(data), "--exp-dir", str(exp), "--feature-type", feature_type,
-                    "--num-classes", str(args.num_cluster), *PRETRAIN_RECIPE, "--max-updates", str(updates),
-                    "--warmup-updates", str(updates // 10), *resume])
-    return last
+    train.main_to_end(["--dataset-path", str(data), "--exp-dir", str(exp), "--feature-type", feature_type,
+                       "--num-classes", str(args.num_cluster), *PRETRAIN_RECIPE, "--max-updates", str(updates),
+                       "--warmup-updates", str(updates // 10)])
+    return exp / CKPT
 
 
 def labels(args, checkpoint=None) -> Path:

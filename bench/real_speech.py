@@ -25,7 +25,6 @@ import train  # noqa: E402
 from tools.demo import TINY_ON_CPU  # noqa: E402
 from tools.heldout_quality import heldout_quality, label_folder  # noqa: E402
 from tools.layer_quality import layer_quality, tsv_files  # noqa: E402
-from utils.checkpoint import load_checkpoint  # noqa: E402
 from utils.common_utils import atomic_write  # noqa: E402
 from utils.curves import last, metrics_csv, plot_curves, read_metrics  # noqa: E402
 from utils.feature_utils import Extractor, hubert_extractor, mfcc_extractor  # noqa: E402
@@ -78,12 +77,8 @@ def iteration(args, name: str, data: Path, feature_type: str, extra) -> dict:
     argv = ["--dataset-path", str(data), "--exp-dir", str(exp), "--feature-type", feature_type, "--num-classes",
             str(args.num_cluster), *TINY_ON_CPU, "--val-check-interval", str(args.val_check_interval),
             "--log-every-n-steps", "10", *extra]
-    last_ckpt = exp / CHECKPOINT
-    if last_ckpt.exists() and load_checkpoint(last_ckpt)["global_step"] >= train.parse_args(argv).max_updates:
-        minutes = float("nan")  # trained by an earlier run of this script
-    else:  # a run that was interrupted resumes
-        train.main(argv + (["--resume-checkpoint", str(last_ckpt)] if last_ckpt.exists() else []))
-        minutes = (time.perf_counter() - start) / 60
+    # a re-run trains nothing (trained by an earlier run of this script), an interrupted run resumes
+    minutes = (time.perf_counter() - start) / 60 if train.main_to_end(argv) else float("nan")
     series = read_metrics(metrics_csv(exp))
     layers = layer_quality(exp / CHECKPOINT, tsv_files(data / "tsv" / "librispeech_train.tsv"), args.phone_audio,
                            args.phone_alignments, args.num_cluster, args.layer_norm)
