@@ -322,7 +322,7 @@ def hubert_pretrain_tiny(
     """A CPU-scale HuBERT for tests and the demo (5.4 M parameters): Base's CNN kernels and strides with 64
     channels (50 Hz frames), 6 x 256 transformer, 4 heads, FFN 1024, final_dim 128. Unlike Base it is pre-LN,
     masks less (mask_prob 0.5), starts its label embeddings zero-mean and has no attention dropout (which
-    makes CPU attention ~4x slower): the settings that learn within 20 CPU minutes (docs/tiny_study.md,
+    costs a fifth of a CPU training step: bench/tiny_speed.py): the settings that learn within 20 CPU minutes (docs/tiny_study.md,
     docs/real_speech.md)."""
     return _pretrain("tiny", locals())
 
