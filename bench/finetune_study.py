@@ -6,7 +6,7 @@ settings and budget, and measure the character error rate on the held-out (dev-c
     python tools/make_demo_corpus.py --out study_data --minutes 40 --train-speakers 40 --dev-speakers 8
     python bench/finetune_study.py --corpus study_data --out exp_ft_study [-- <extra finetune.py flags>]
 
-Pre-training is bench/tiny_study.py's recipe (2,500 updates, MFCC k=100 labels, then k-means k=100 of iteration
+Pre-training is bench/tiny_study.py's recipe (train.py's tiny recipe: 2,300 updates; MFCC k=100 labels, then k-means k=100 of iteration
 1's layer --layer-index); fine-tuning is the demo's (tools/demo.py FINETUNE_RECIPE) for --finetune-updates. A
 pre-training iteration whose checkpoint is complete is skipped and an interrupted one resumes from its last.ckpt,
 so the command can be run again after an interruption; the fine-tunings always run.
@@ -33,8 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, required=True, help="the study's folder")
     p.add_argument("--num-cluster", type=int, default=100, help="k of the MFCC and the layer k-means")
     p.add_argument("--layer-index", type=int, default=4, help="iteration-1 layer that makes iteration 2's labels")
-    p.add_argument("--pretrain-updates", type=int, nargs=2, default=(2500, 2500), metavar=("ITER1", "ITER2"),
-                   help="updates of each pre-training iteration")
+    p.add_argument("--pretrain-updates", type=int, nargs=2, default=(2300, 2300), metavar=("ITER1", "ITER2"),
+                   help="updates of each pre-training iteration (the tiny recipe's 2,300)")
     p.add_argument("--finetune-updates", type=int, default=300, help="updates of each fine-tuning run")
     p.add_argument("finetune_flags", nargs=argparse.REMAINDER, help="-- then extra finetune.py flags")
     return p.parse_args(argv)
@@ -43,8 +43,7 @@ def parse_args(argv=None):
 def pretrain(args, feature_type: str, data: Path, exp: Path, updates: int) -> Path:
     """One pre-training iteration, resumed from its last.ckpt if it was interrupted."""
     train.main_to_end(["--dataset-path", str(data), "--exp-dir", str(exp), "--feature-type", feature_type,
-                       "--num-classes", str(args.num_cluster), *PRETRAIN_RECIPE, "--max-updates", str(updates),
-                       "--warmup-updates", str(updates // 10)])
+                       "--num-classes", str(args.num_cluster), *PRETRAIN_RECIPE, "--max-updates", str(updates)])
     return exp / CKPT
 
 
