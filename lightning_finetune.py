@@ -6,9 +6,9 @@ from typing import Optional, Sequence, Tuple
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
-from dataset import BucketizeBatchSampler, DistributedBatchSampler, TranscribedAudio, collate_ctc, list_utterances
+from dataset import (BucketizeBatchSampler, DistributedBatchSampler, TranscribedAudio, UpdateBatch, UpdateLoader,
+                     collate_ctc, list_utterances)
 from model import FACTORIES
 from model.components import get_padding_mask
 from utils.checkpoint import load_pretrained_model
@@ -38,7 +38,8 @@ class HuBERTFineTuneModule(pl.LightningModule):
     frozen too, so only the CTC head learns. Time and channel masking apply in training only (upstream also
     masked during validation). Each batch's summed CTC loss is scaled by ``world_size / (utterances of all
     ranks)`` before backward, so after DDP's average the update is the per-utterance gradient of the global
-    batch. Randomness is seeded per (seed, step, rank), so a resumed run draws what an uninterrupted one would.
+    batch. Randomness is seeded per (seed, step, rank) and the train loader resumes mid-epoch (train.py's
+    UpdateLoader, one batch per update), so a run resumed from any checkpoint trains as an uninterrupted one.
     A step whose loss is not finite on any rank is skipped on every rank.
     """
 
@@ -57,6 +58,7 @@ class HuBERTFineTuneModule(pl.LightningModule):
         self.ctc_loss = nn.CTCLoss(blank=0, reduction="sum", zero_infinity=True)
         self.automatic_optimization = False
         self.datasets = {}
+        self._loaders = {}
         self.stats = {"train": torch.zeros(len(STATS), dtype=torch.float64),
                       "val": torch.zeros(len(STATS), dtype=torch.float64)}
         self.skipped_steps = 0
@@ -111,16 +113,18 @@ class HuBERTFineTuneModule(pl.LightningModule):
         sched = TriStageLRScheduler(opt, h.warmup_updates, h.hold_updates, h.decay_updates)
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
-    def training_step(self, batch, batch_idx):
+    def training_step(self, update: UpdateBatch, batch_idx):
         h = self.hparams
         torch.manual_seed(hash((h.seed, self.global_step, self.global_rank)) & 0xFFFF_FFFF)
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
+        batch = update.micro_batches[0]
         loss, _, _ = self._step(batch)
         local = torch.stack([loss.detach().float(), torch.tensor(float(len(batch[0])), device=self.device),
                              torch.isfinite(loss.detach()).float()])
         gathered = self.all_gather(local).reshape(-1, len(local))  # (world_size, 3)
         total = gathered.sum(0)
+        self._loaders["train"].consumed(update)  # a checkpoint from now on resumes after this batch
         if total[2] < len(gathered):  # some rank's loss is inf/NaN: every rank skips this batch
             self.skipped_steps += 1
             self.log("skipped_steps", float(self.skipped_steps))
@@ -141,12 +145,11 @@ class HuBERTFineTuneModule(pl.LightningModule):
         self.log("train_loss", float(loss / utterances), prog_bar=True)
 
     def on_train_epoch_start(self):
-        # Before the epoch's data iterator exists: its worker seeds depend on (seed, epoch) only.
-        torch.manual_seed(hash((self.hparams.seed, -1, self.current_epoch)) & 0xFFFF_FFFF)
         self.stats["train"].zero_()
 
     # ---- validation -----------------------------------------------------------------------------------
-    def validation_step(self, batch, batch_idx):
+    def validation_step(self, update: UpdateBatch, batch_idx):
+        batch = update.micro_batches[0]
         _, labels, _, label_lengths = batch
         loss, log_probs, out_len = self._step(batch)
         counts = ErrorCounts()
@@ -171,22 +174,27 @@ class HuBERTFineTuneModule(pl.LightningModule):
         self.log("val_wer", word_errors / max(words, 1), sync_dist=True)
 
     # ---- data -----------------------------------------------------------------------------------------
-    def _loader(self, stage: str) -> DataLoader:
+    def _loader(self, stage: str) -> UpdateLoader:
+        """Built once per run; Lightning asks every epoch and gets it back with the next epoch planned."""
+        if stage in self._loaders:
+            return self._loaders[stage]
         h, train = self.hparams, stage == "train"
-        dataset = self.datasets[stage]
-        sampler = BucketizeBatchSampler(dataset.lengths, num_buckets=100,
+        sampler = BucketizeBatchSampler(self.datasets[stage].lengths, num_buckets=100,
                                         max_token_count=int(h.seconds_per_batch * SAMPLE_RATE), shuffle=train,
-                                        seed=self.current_epoch)
+                                        seed=h.seed)
         batches = DistributedBatchSampler(sampler, num_replicas=self.trainer.world_size, rank=self.global_rank,
-                                          shuffle=train)
-        batches.set_epoch(self.current_epoch)
-        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_ctc, num_workers=h.num_workers,
-                          pin_memory=self.device.type == "cuda")
+                                          shuffle=train, seed=h.seed)
+        self._loaders[stage] = UpdateLoader(self.datasets[stage], batches, collate_ctc, accumulate=1, seed=h.seed,
+                                            rank=self.global_rank, num_workers=h.num_workers,
+                                            pin_memory=self.device.type == "cuda")
+        return self._loaders[stage]
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
+    def train_dataloader(self) -> UpdateLoader:
+        loader = self._loader("train")
+        loader.start_epoch(self.current_epoch)
+        return loader
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> UpdateLoader:
         return self._loader("val")
 
     # ---- checkpoints ----------------------------------------------------------------------------------

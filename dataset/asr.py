@@ -3,7 +3,7 @@
 (LibriSpeech subsets, LibriLight-limited, our demo corpus)."""
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import soundfile
@@ -105,9 +105,11 @@ class TranscribedAudio(Dataset):
         return torch.from_numpy(np.ascontiguousarray(data[:, 0])), torch.tensor(encode(u.transcript, self.vocab))
 
 
-def collate_ctc(batch: List[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def collate_ctc(batch: List[Tuple[Tensor, Tensor]], generator: Optional[torch.Generator] = None
+                ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(waveforms (B, N) zero-padded, labels (B, L) padded with -1, audio lengths (B,), label lengths (B,))``,
-    as upstream's ``CollateFnLibriLightLimited``."""
+    as upstream's ``CollateFnLibriLightLimited``. Nothing is cropped, so ``generator`` (UpdateLoader's collate
+    signature) is not used."""
     waveforms, labels = zip(*batch)
     return (pad_sequence(waveforms, batch_first=True), pad_sequence(labels, batch_first=True, padding_value=-1),
             torch.tensor([len(w) for w in waveforms]), torch.tensor([len(t) for t in labels]))

@@ -89,13 +89,16 @@ def test_finetune_learns_to_read_the_tones(corpus, pretrained, tmp_path, capsys)
 
 
 def test_resume_continues_exactly(corpus, pretrained, tmp_path):
-    """8 updates straight == 4 updates, stop, resume from that checkpoint, 4 more (the encoder thaws at 3)."""
-    common = ["--max-updates", "8", "--freeze-encoder-updates", "3"]
-    finetune.main(args_for(corpus, pretrained, tmp_path / "straight", *common, "--mask-prob", "0.65",
-                           "--encoder-layer-drop", "0.5"))
-    first = next((tmp_path / "straight" / "checkpoints_hubert_pretrain_tiny").glob("epoch=*-step=4.ckpt"))
-    trainer, _ = finetune.main(args_for(corpus, pretrained, tmp_path / "resumed", *common, "--mask-prob", "0.65",
-                                        "--encoder-layer-drop", "0.5", "--resume-checkpoint", str(first)))
+    """8 updates straight == 3 updates, stop mid-epoch, resume from that checkpoint, 5 more (the encoder thaws
+    at 3): the resumed run skips the batches it had trained on and draws the same masks."""
+    common = ["--max-updates", "8", "--freeze-encoder-updates", "3", "--seconds-per-batch", "2",
+              "--val-check-interval", "3", "--mask-prob", "0.65", "--encoder-layer-drop", "0.5"]
+    finetune.main(args_for(corpus, pretrained, tmp_path / "straight", *common))
+    first = next((tmp_path / "straight" / "checkpoints_hubert_pretrain_tiny").glob("epoch=0-step=3.ckpt"))
+    (data,) = load_checkpoint(first)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert data["epoch"] == 0 and data["consumed"] == 3 < data["layout"]["micro_batches"]  # mid-epoch
+    trainer, _ = finetune.main(args_for(corpus, pretrained, tmp_path / "resumed", *common,
+                                        "--resume-checkpoint", str(first)))
     assert trainer.global_step == 8
     straight, resumed = (load_checkpoint(last_ckpt(tmp_path / d)) for d in ("straight", "resumed"))
     assert resumed["lr_schedulers"][0]["_step_count"] == straight["lr_schedulers"][0]["_step_count"]
