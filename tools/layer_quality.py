@@ -46,8 +46,9 @@ def layer_features(model, files: Sequence, layer_norm: bool = False) -> List[Lis
 
 
 def layer_quality(checkpoint, train_files: Sequence, audio_dir, alignment_paths: Sequence, num_cluster: int = 100,
-                  layer_norm: bool = False, seed: int = 0) -> List[dict]:
-    """Held-out label quality of k-means on each layer: [{"layer": 1, "pnmi": ..., ...}, ...]."""
+                  layer_norm: bool = False, seed: int = 0, concat: bool = False) -> List[dict]:
+    """Held-out label quality of k-means on each layer: [{"layer": 1, "pnmi": ..., ...}, ...], and with
+    ``concat`` one more entry, ``"layer": "all"``, for k-means on every layer's frame concatenated."""
     model = load_pretrained_model(checkpoint).eval()
     audio_dir = Path(audio_dir)
     held_out = [audio_dir / f for f in list_audio(audio_dir)]
@@ -57,15 +58,21 @@ def layer_quality(checkpoint, train_files: Sequence, audio_dir, alignment_paths:
     train_feats = layer_features(model, train_files, layer_norm)
     held_out_feats = layer_features(model, held_out, layer_norm)
     ids, num_samples = [f.stem for f in held_out], [len(load_audio(f)) for f in held_out]
-    results = []
-    for layer, (fit_on, score_on) in enumerate(zip(train_feats, held_out_feats), start=1):
+
+    def score(layer, fit_on: List[torch.Tensor], score_on: List[torch.Tensor]) -> dict:
         km = fit_kmeans(torch.cat(fit_on).numpy(), num_cluster, seed=seed)
         centers = torch.as_tensor(km.cluster_centers_, dtype=torch.float32)
         labels = [predict(x, centers).numpy() for x in score_on]
         quality = measure_arrays(ids, num_samples, labels, alignments, label_rate=50, source=audio_dir)
-        results.append({"layer": layer, "pnmi": quality.pnmi, "phone_purity": quality.phone_purity,
-                        "cluster_purity": quality.cluster_purity})
         print(f"layer {layer}: held-out PNMI {quality.pnmi:.3f}", flush=True)
+        return {"layer": layer, "dims": fit_on[0].shape[-1], "pnmi": quality.pnmi,
+                "phone_purity": quality.phone_purity, "cluster_purity": quality.cluster_purity}
+
+    results = [score(layer, fit_on, score_on)
+               for layer, (fit_on, score_on) in enumerate(zip(train_feats, held_out_feats), start=1)]
+    if concat:
+        results.append(score("all", [torch.cat(frames, dim=-1) for frames in zip(*train_feats)],
+                             [torch.cat(frames, dim=-1) for frames in zip(*held_out_feats)]))
     return results
 
 
@@ -77,11 +84,12 @@ def main(argv=None):
     p.add_argument("--alignments", required=True, nargs="+", help="'<utt-id>\\t<phone> ...' files at 100 Hz")
     p.add_argument("--num-cluster", type=int, default=100)
     p.add_argument("--layer-norm", action="store_true", help="normalise each frame before k-means")
+    p.add_argument("--concat", action="store_true", help="also k-means on all layers concatenated per frame")
     p.add_argument("--json", action="store_true", help="print one JSON list")
     args = p.parse_args(argv)
     try:
         results = layer_quality(args.checkpoint, tsv_files(args.tsv), args.audio_dir, args.alignments,
-                                args.num_cluster, args.layer_norm)
+                                args.num_cluster, args.layer_norm, concat=args.concat)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     if args.json:

@@ -1,0 +1,44 @@
+"""tools/layer_quality.py: k-means on each layer of a checkpoint, scored on the demo's held-out alignments."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import hubert_pretrain_tiny
+from tools.layer_quality import layer_features, main
+from utils.checkpoint import load_pretrained_model
+
+DEMO = Path(__file__).resolve().parents[1] / "demo_data"
+DEV = DEMO / "LibriSpeech" / "dev-clean"
+ALIGNMENTS = DEMO / "alignments" / "dev-clean.tsv"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A randomly initialised tiny model saved as train.py saves it, and a file list of 4 training files."""
+    torch.manual_seed(0)
+    model = hubert_pretrain_tiny(use_conv2d=True, use_instancenorm=True)
+    root = tmp_path_factory.mktemp("layers")
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hubert_config": model.config}, root / "last.ckpt")
+    train = sorted((DEMO / "LibriSpeech" / "train-clean-100").rglob("*.flac"))[:4]
+    (root / "train.tsv").write_text("/\n" + "".join(f"{str(f)[1:]}\t0\n" for f in train))
+    return root
+
+
+def test_every_layer_and_their_concatenation_are_scored(checkpoint, capsys):
+    results = main(["--checkpoint", str(checkpoint / "last.ckpt"), "--tsv", str(checkpoint / "train.tsv"),
+                    "--audio-dir", str(DEV), "--alignments", str(ALIGNMENTS), "--num-cluster", "8", "--concat",
+                    "--json"])
+    assert [r["layer"] for r in results] == [1, 2, 3, 4, 5, 6, "all"]
+    assert [r["dims"] for r in results] == [256] * 6 + [6 * 256]
+    assert all(0 < r["pnmi"] < 1 for r in results)
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == results
+
+
+def test_layer_norm_normalises_each_frame(checkpoint):
+    model = load_pretrained_model(checkpoint / "last.ckpt").eval()
+    (frames,) = layer_features(model, [next(DEV.rglob("*.flac"))], layer_norm=True)[-1]
+    torch.testing.assert_close(frames.mean(-1), torch.zeros(len(frames)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(frames.std(-1, unbiased=False), torch.ones(len(frames)), atol=1e-3, rtol=0)
