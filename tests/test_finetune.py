@@ -128,9 +128,9 @@ def test_validation_does_not_mask(corpus, pretrained, tmp_path):
 def test_random_init_baseline_and_aux_width(corpus, tmp_path):
     _, module = finetune.build(finetune.parse_args([
         "--random-init", "--model-name", "hubert_pretrain_tiny", "--train-dir", str(corpus[0]),
-        "--valid-dir", str(corpus[1]), "--exp-dir", str(tmp_path / "exp"), "--model-arg", "mask_length=5"]))
+        "--valid-dir", str(corpus[1]), "--exp-dir", str(tmp_path / "exp"), "--model-arg", "mask_length=7"]))
     assert module.aux.in_features == 256  # the encoder's width (upstream's Habana module: always 768)
-    assert module.model.mask_generator.mask_length == 5
+    assert module.model.mask_generator.mask_length == 7
 
 
 def test_bad_arguments_and_files_are_named(corpus, pretrained, tmp_path):

@@ -6,7 +6,7 @@ from torchaudio.models.wav2vec2 import model as ta_model_module
 
 import model.hubert as our_hubert
 from model import (convert_conv_layout, hubert_pretrain_base, hubert_pretrain_large, hubert_pretrain_model,
-                   hubert_pretrain_xlarge)
+                   hubert_pretrain_tiny, hubert_pretrain_xlarge)
 
 HABANA_FLAGS = dict(use_conv2d=True, use_instancenorm=True, static_indexing=True, static_layerdrop=True,
                     static_logit_generator=True, split_logits=True, use_max_sub_softmax_opt=True)
@@ -285,3 +285,9 @@ def test_encoder_exports_with_torch_export_for_any_batch_and_length(tmp_path):
         out = loaded(waveforms, lengths)
     torch.testing.assert_close(out[0], expected[0])
     assert torch.equal(out[1], expected[1])
+
+
+def test_tiny_masks_five_frame_spans():
+    """The tiny recipe's span length (docs/real_speech.md); upstream's sizes keep 10."""
+    assert hubert_pretrain_tiny().mask_generator.mask_length == 5
+    assert hubert_pretrain_base().mask_generator.mask_length == 10
