@@ -6,8 +6,9 @@ settings and budget, and measure the character error rate on the held-out (dev-c
     python tools/make_demo_corpus.py --out study_data --minutes 40 --train-speakers 40 --dev-speakers 8
     python bench/finetune_study.py --corpus study_data --out exp_ft_study [-- <extra finetune.py flags>]
 
-Pre-training is bench/tiny_study.py's recipe (train.py's tiny recipe: 2,300 updates; MFCC k=100 labels, then k-means k=100 of iteration
-1's layer --layer-index); fine-tuning is the demo's (tools/demo.py FINETUNE_RECIPE) for --finetune-updates. A
+Pre-training is bench/tiny_study.py's recipe (train.py's tiny recipe, 2,300 updates; MFCC k=100 labels, then
+k-means k=100 of iteration 1's layer --layer-index); fine-tuning is the demo's (tools/demo.py FINETUNE_RECIPE)
+for --finetune-updates (docs/finetune_study.md: CER 1.000 / 0.374 / 0.321 from random / iteration 1 / 2). A
 pre-training iteration whose checkpoint is complete is skipped and an interrupted one resumes from its last.ckpt,
 so the command can be run again after an interruption; the fine-tunings always run.
 """

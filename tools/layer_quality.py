@@ -8,7 +8,8 @@ utils/label_quality.py). The paper picks layer 6 of Base this way (HuBERT §V-C)
 Each layer's k-means is upstream's MiniBatchKMeans fitted on every frame of the listed utterances, as
 ``preprocess.py --feat-type hubert --percent -1`` would fit it. ``--layer-norm`` normalises each frame
 (zero mean, unit variance over channels) before k-means: pre-LN models (tiny, Large) keep an unnormalised
-residual stream, whose largest channels would otherwise decide the clusters.
+residual stream, whose largest channels would otherwise decide the clusters. ``--concat`` also clusters every
+layer's frame side by side.
 """
 import argparse
 import json
