@@ -186,8 +186,8 @@ def build(args):
     trainer = pl.Trainer(
         default_root_dir=args.exp_dir, max_steps=args.max_updates, num_nodes=num_nodes, accelerator=accelerator,
         devices=devices, strategy=strategy, use_distributed_sampler=False, callbacks=callbacks, logger=loggers,
-        enable_checkpointing=False, reload_dataloaders_every_n_epochs=1, check_val_every_n_epoch=None, val_check_interval=args.val_check_interval,
-        num_sanity_val_steps=0, log_every_n_steps=args.log_every_n_steps,
+        enable_checkpointing=False, reload_dataloaders_every_n_epochs=1, check_val_every_n_epoch=None,
+        val_check_interval=args.val_check_interval, num_sanity_val_steps=0, log_every_n_steps=args.log_every_n_steps,
     )
     if trainer.is_global_zero:
         source = "random init" if args.random_init else str(args.checkpoint)
