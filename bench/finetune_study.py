@@ -34,8 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, required=True, help="the study's folder")
     p.add_argument("--num-cluster", type=int, default=100, help="k of the MFCC and the layer k-means")
     p.add_argument("--layer-index", type=int, default=4, help="iteration-1 layer that makes iteration 2's labels")
-    p.add_argument("--pretrain-updates", type=int, nargs=2, default=(2300, 2300), metavar=("ITER1", "ITER2"),
-                   help="updates of each pre-training iteration (the tiny recipe's 2,300)")
+    recipe_updates = train.RECIPES["hubert_pretrain_tiny"]["max_updates"]
+    p.add_argument("--pretrain-updates", type=int, nargs=2, default=(recipe_updates, recipe_updates),
+                   metavar=("ITER1", "ITER2"), help=f"updates of each pre-training iteration ({recipe_updates})")
     p.add_argument("--finetune-updates", type=int, default=300, help="updates of each fine-tuning run")
     p.add_argument("finetune_flags", nargs=argparse.REMAINDER, help="-- then extra finetune.py flags")
     return p.parse_args(argv)
