@@ -1,7 +1,6 @@
 """The HuBERT pre-training LightningModule (spec §8): manual optimisation, global masked-frame loss
 normalisation, gradient accumulation, clipping, metrics reduced across ranks, and resumable data."""
 import time
-import warnings
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -13,6 +12,7 @@ from dataset import (BucketizeBatchSampler, CollateFnHubert, DistributedBatchSam
                      UpdateLoader, format_stats, loader_stats)
 from loss import compute_accuracy, compute_accuracy_static, hubert_loss, hubert_loss_static
 from model import FACTORIES, convert_conv_layout, convert_optimizer_state, convert_weight_norm
+from utils.checkpoint import predates_resumable_data
 from utils.device import clip_grad_norm, hpu_graph_breaks, make_optimizer
 from utils.lr_schedule import LinearDecayLRScheduler
 
@@ -226,11 +226,7 @@ class HuBERTPreTrainModule(pl.LightningModule):
         loader.start_epoch(self.current_epoch)
         if self._resume_without_data_position:
             self._resume_without_data_position = False
-            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
-            if 0 < done < len(loader):
-                warnings.warn(f"the checkpoint predates resumable data: epoch {self.current_epoch} continues at "
-                              f"update {done}, but its remaining batches are not those the run would have seen")
-            loader.load_state_dict({**loader.state_dict(), "consumed": done})
+            loader.resume_without_state(self.trainer.fit_loop.epoch_loop.batch_progress.current.completed)
         return loader
 
     def val_dataloader(self) -> UpdateLoader:
@@ -256,8 +252,7 @@ class HuBERTPreTrainModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Any conv layout and either weight-norm naming resumes any run: convert to this model's."""
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
-        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
-        self._resume_without_data_position = "combined_loader" not in fit_loop  # written before resumable data
+        self._resume_without_data_position = predates_resumable_data(checkpoint)
         use_conv2d = self.hparams.use_conv2d
         state_dict = convert_weight_norm(checkpoint["state_dict"], legacy=False)
         checkpoint["state_dict"] = convert_conv_layout(state_dict, use_conv2d)

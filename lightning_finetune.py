@@ -11,7 +11,7 @@ from dataset import (BucketizeBatchSampler, DistributedBatchSampler, Transcribed
                      collate_ctc, list_utterances)
 from model import FACTORIES
 from model.components import get_padding_mask
-from utils.checkpoint import load_pretrained_model
+from utils.checkpoint import load_pretrained_model, predates_resumable_data
 from utils.ctc import VOCAB, ErrorCounts, greedy_decode, ids_to_text
 from utils.device import clip_grad_norm, make_optimizer
 from utils.lr_schedule import TriStageLRScheduler
@@ -59,6 +59,7 @@ class HuBERTFineTuneModule(pl.LightningModule):
         self.automatic_optimization = False
         self.datasets = {}
         self._loaders = {}
+        self._resume_without_data_position = False
         self.stats = {"train": torch.zeros(len(STATS), dtype=torch.float64),
                       "val": torch.zeros(len(STATS), dtype=torch.float64)}
         self.skipped_steps = 0
@@ -192,6 +193,9 @@ class HuBERTFineTuneModule(pl.LightningModule):
     def train_dataloader(self) -> UpdateLoader:
         loader = self._loader("train")
         loader.start_epoch(self.current_epoch)
+        if self._resume_without_data_position:
+            self._resume_without_data_position = False
+            loader.resume_without_state(self.trainer.fit_loop.epoch_loop.batch_progress.current.completed)
         return loader
 
     def val_dataloader(self) -> UpdateLoader:
@@ -202,3 +206,6 @@ class HuBERTFineTuneModule(pl.LightningModule):
         """The model config and the vocabulary travel with the weights (evaluate.py and export.py need both)."""
         checkpoint["hubert_config"] = self.model.config
         checkpoint["ctc_vocab"] = list(self.hparams.vocab)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resume_without_data_position = predates_resumable_data(checkpoint)

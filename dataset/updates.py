@@ -130,3 +130,11 @@ class UpdateLoader(DataLoader):
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
+
+    def resume_without_state(self, done: int) -> None:
+        """Continue the epoch at update ``done`` for a checkpoint that has no loader state (written before the
+        data position was saved): the update count is right, the remaining batches are drawn anew."""
+        if 0 < done < len(self):
+            warnings.warn(f"the checkpoint predates resumable data: epoch {self.sampler.epoch} continues at "
+                          f"update {done}, but its remaining batches are not those the run would have seen")
+        self.load_state_dict({**self.state_dict(), "consumed": done})

@@ -90,7 +90,8 @@ def test_finetune_learns_to_read_the_tones(corpus, pretrained, tmp_path, capsys)
 
 def test_resume_continues_exactly(corpus, pretrained, tmp_path):
     """8 updates straight == 3 updates, stop mid-epoch, resume from that checkpoint, 5 more (the encoder thaws
-    at 3): the resumed run skips the batches it had trained on and draws the same masks."""
+    at 3): the resumed run skips the batches it had trained on and draws the same masks. A checkpoint without
+    the loader state (older runs) resumes at its update count, with a warning."""
     common = ["--max-updates", "8", "--freeze-encoder-updates", "3", "--seconds-per-batch", "2",
               "--val-check-interval", "3", "--mask-prob", "0.65", "--encoder-layer-drop", "0.5"]
     finetune.main(args_for(corpus, pretrained, tmp_path / "straight", *common))
@@ -104,6 +105,15 @@ def test_resume_continues_exactly(corpus, pretrained, tmp_path):
     assert resumed["lr_schedulers"][0]["_step_count"] == straight["lr_schedulers"][0]["_step_count"]
     for key, value in straight["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=1e-6, msg=key)
+
+    # A checkpoint written before the loader saved its position resumes at its update count, with a warning.
+    ckpt = torch.load(first, weights_only=False)
+    del ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    with pytest.warns(UserWarning, match="predates resumable data"):
+        trainer, _ = finetune.main(args_for(corpus, pretrained, tmp_path / "old", *common,
+                                            "--resume-checkpoint", str(tmp_path / "old.ckpt")))
+    assert trainer.global_step == 8
 
 
 def test_validation_does_not_mask(corpus, pretrained, tmp_path):

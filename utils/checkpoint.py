@@ -98,3 +98,10 @@ def load_finetuned_model(path, map_location="cpu") -> Tuple[Wav2Vec2Model, Tuple
     """(encoder with its CTC head, vocabulary) of a fine-tuned checkpoint file: what evaluate.py decodes with."""
     model, vocab = finetuned_model(load_checkpoint(path, map_location), path)
     return model.wav2vec2, vocab
+
+
+def predates_resumable_data(checkpoint: dict) -> bool:
+    """A Lightning checkpoint written before the train loader saved its position (its fit loop has no
+    ``combined_loader`` state): resuming it mid-epoch cannot replay the epoch's remaining batches."""
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+    return "combined_loader" not in fit_loop
