@@ -40,12 +40,15 @@ def parse_args(argv=None):
     p.add_argument("--phone-audio", type=Path, required=True, help="audio with phone alignments (label quality)")
     p.add_argument("--phone-alignments", type=Path, required=True, nargs="+", help="its alignments at 100 Hz")
     p.add_argument("--out", type=Path, required=True, help="this run's folder")
-    p.add_argument("--num-cluster", type=int, default=100, help="k of every k-means (labels and scoring)")
+    p.add_argument("--num-cluster", type=int, default=100, help="k of the scoring k-means (and of the labels)")
+    p.add_argument("--num-classes", type=int, default=None, help="k of the training labels (default --num-cluster)")
     p.add_argument("--iterations", type=int, choices=[1, 2], default=2)
     p.add_argument("--layer-norm", action="store_true", help="normalise each frame before the layer k-means")
     p.add_argument("--val-check-interval", type=int, default=250, help="updates between validations")
     p.add_argument("train_flags", nargs=argparse.REMAINDER, help="-- then extra train.py flags (both iterations)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.num_classes = args.num_classes or args.num_cluster
+    return args
 
 
 def label_valid(data: Path, valid_dir: Path, extractor: Extractor) -> None:
@@ -64,7 +67,7 @@ def make_labels(args, exp: Path, checkpoint=None, layer=None) -> Path:
     feat = ["--feat-type", "mfcc"] if checkpoint is None else [
         "--feat-type", "hubert", "--layer-index", str(layer), "--checkpoint-path", str(checkpoint)]
     preprocess.main(["--root-dir", str(args.train_dir.resolve()), "--exp-dir", str(exp), "--num-rank", "1",
-                     "--num-cluster", str(args.num_cluster), "--valid-percent", "0", *feat])
+                     "--num-cluster", str(args.num_classes), "--valid-percent", "0", *feat])
     data = exp / "data" / ("mfcc" if checkpoint is None else f"hubert_{layer}")
     label_valid(data, args.valid_dir, mfcc_extractor() if checkpoint is None else
                 hubert_extractor(checkpoint, layer, "cpu"))
@@ -75,7 +78,7 @@ def iteration(args, name: str, data: Path, feature_type: str, extra) -> dict:
     """Train one iteration on ``data`` and score it: accuracy over the label prior, PNMI of every layer."""
     exp, start = args.out / name, time.perf_counter()
     argv = ["--dataset-path", str(data), "--exp-dir", str(exp), "--feature-type", feature_type, "--num-classes",
-            str(args.num_cluster), *TINY_ON_CPU, "--val-check-interval", str(args.val_check_interval),
+            str(args.num_classes), *TINY_ON_CPU, "--val-check-interval", str(args.val_check_interval),
             "--log-every-n-steps", "10", *extra]
     # a re-run trains nothing (trained by an earlier run of this script), an interrupted run resumes
     minutes = (time.perf_counter() - start) / 60 if train.main_to_end(argv) else float("nan")
@@ -92,7 +95,7 @@ def iteration(args, name: str, data: Path, feature_type: str, extra) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     extra = [f for f in args.train_flags if f != "--"]
-    mfcc = make_labels(args, args.out.parent / f"mfcc_{args.num_cluster}")
+    mfcc = make_labels(args, args.out.parent / f"mfcc_{args.num_classes}")
     result = {"flags": extra, "layer_norm": args.layer_norm,
               "mfcc_pnmi": heldout_quality(mfcc, args.phone_audio, args.phone_alignments, mfcc_extractor()).pnmi}
     result["iter1"] = iteration(args, "iter1", mfcc, "mfcc", extra)
@@ -105,7 +108,7 @@ def main(argv=None):
                 title=f"tiny HuBERT on real speech, {args.out.name}")
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
 
-    print(f"\n{args.out.name}: MFCC k={args.num_cluster} labels, PNMI on the phone-labelled audio "
+    print(f"\n{args.out.name}: MFCC k={args.num_classes} labels, PNMI on the phone-labelled audio "
           f"{result['mfcc_pnmi']:.3f}")
     print(f"{'':<6}{'train min':>10}{'val acc':>9}{'prior':>7}{'ratio':>7}  PNMI per layer (best)")
     for name in runs:

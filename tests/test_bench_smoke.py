@@ -10,6 +10,7 @@ import torch
 
 from bench import (audio_check, data_path, flops, preprocess_scale, real_speech, recompiles, tiny_speed, tiny_study,
                    train_step)
+from utils.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,6 +96,12 @@ def test_real_speech_runs_both_iterations(tmp_path, capsys):
     again = real_speech.main(["--iterations", "1", *argv])  # a re-run scores the trained model, trains nothing
     assert len(list((tmp_path / "run" / "iter1" / "lightning_logs").glob("version_*"))) == 1
     assert again["iter1"]["layers"] == result["iter1"]["layers"]
+    # --num-classes: the training labels' k, while the layers are still scored with --num-cluster's
+    argv8 = [a if a != str(tmp_path / "run") else str(tmp_path / "run8") for a in argv]
+    eight = real_speech.main(["--iterations", "1", "--num-classes", "8", *argv8])
+    config = load_checkpoint(tmp_path / "run8" / "iter1" / real_speech.CHECKPOINT)["hubert_config"]
+    assert config["num_classes"] == 8 and (tmp_path / "mfcc_8" / "data" / "mfcc" / "label").is_dir()
+    assert len(eight["iter1"]["layers"]) == 6
 
 
 def test_gpu_suite_cpu_smoke_prints_every_row(tmp_path):
