@@ -8,6 +8,7 @@ import torch
 from model import hubert_pretrain_tiny
 from tools.layer_quality import layer_features, main
 from utils.checkpoint import load_pretrained_model
+from utils.feature_utils import load_audio
 
 DEMO = Path(__file__).resolve().parents[1] / "demo_data"
 DEV = DEMO / "LibriSpeech" / "dev-clean"
@@ -35,6 +36,22 @@ def test_every_layer_and_their_concatenation_are_scored(checkpoint, capsys):
     assert [r["dims"] for r in results] == [256] * 6 + [6 * 256]
     assert all(0 < r["pnmi"] < 1 for r in results)
     assert json.loads(capsys.readouterr().out.splitlines()[-1]) == results
+
+
+def test_the_transformer_input_is_layer_zero(checkpoint):
+    """Layer 0 is what the first layer reads: the CNN's features, projected, plus the positional conv."""
+    model = load_pretrained_model(checkpoint / "last.ckpt").eval()
+    files = [next(DEV.rglob("*.flac"))]
+    (given,), (first,), *_ = layer_features(model, files, with_input=True)
+    encoder = model.wav2vec2.encoder
+    with torch.inference_mode():
+        features, _ = model.wav2vec2.feature_extractor(load_audio(files[0])[None], None)
+        expected = encoder.transformer._preprocess(encoder.feature_projection(features))[0]
+    torch.testing.assert_close(given, expected)
+    assert torch.equal(first, layer_features(model, files)[0][0]) and not torch.allclose(first, given)
+    results = main(["--checkpoint", str(checkpoint / "last.ckpt"), "--tsv", str(checkpoint / "train.tsv"),
+                    "--audio-dir", str(DEV), "--alignments", str(ALIGNMENTS), "--num-cluster", "8", "--input"])
+    assert [r["layer"] for r in results] == [0, 1, 2, 3, 4, 5, 6]
 
 
 def test_layer_norm_normalises_each_frame(checkpoint):

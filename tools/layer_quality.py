@@ -9,7 +9,8 @@ Each layer's k-means is upstream's MiniBatchKMeans fitted on every frame of the 
 ``preprocess.py --feat-type hubert --percent -1`` would fit it. ``--layer-norm`` normalises each frame
 (zero mean, unit variance over channels) before k-means: pre-LN models (tiny, Large) keep an unnormalised
 residual stream, whose largest channels would otherwise decide the clusters. ``--concat`` also clusters every
-layer's frame side by side.
+layer's frame side by side. ``--input`` also scores the transformer's input (CNN, projection, positional conv:
+on real speech the tiny model's most phonetic representation, docs/real_speech.md) as layer 0.
 """
 import argparse
 import json
@@ -34,30 +35,39 @@ def tsv_files(tsv) -> List[str]:
     return [f"{root}/{line.split(chr(9))[0]}" for line in lines]
 
 
-def layer_features(model, files: Sequence, layer_norm: bool = False) -> List[List[torch.Tensor]]:
-    """Every transformer layer's output for each file: a list over layers of a list over files of (T, D)."""
-    per_layer = None
+def layer_features(model, files: Sequence, layer_norm: bool = False,
+                   with_input: bool = False) -> List[List[torch.Tensor]]:
+    """Every transformer layer's output for each file: a list over layers of a list over files of (T, D);
+    ``with_input`` puts the transformer's input (CNN, projection, positional conv) first."""
+    per_layer, inputs = None, []
+    first = model.wav2vec2.encoder.transformer.layers[0]
+    hook = first.register_forward_pre_hook(lambda module, args: inputs.append(args[0])) if with_input else None
     with torch.inference_mode():
         for path in files:
             layers, _ = model.wav2vec2.extract_features(load_audio(path)[None])
+            layers = [inputs.pop(), *layers] if with_input else layers
             per_layer = per_layer or [[] for _ in layers]
             for i, x in enumerate(layers):
                 per_layer[i].append(F.layer_norm(x[0], x.shape[-1:]) if layer_norm else x[0])
+    if hook is not None:
+        hook.remove()
     return per_layer
 
 
 def layer_quality(checkpoint, train_files: Sequence, audio_dir, alignment_paths: Sequence, num_cluster: int = 100,
-                  layer_norm: bool = False, seed: int = 0, concat: bool = False) -> List[dict]:
-    """Held-out label quality of k-means on each layer: [{"layer": 1, "pnmi": ..., ...}, ...], and with
-    ``concat`` one more entry, ``"layer": "all"``, for k-means on every layer's frame concatenated."""
+                  layer_norm: bool = False, seed: int = 0, concat: bool = False,
+                  with_input: bool = False) -> List[dict]:
+    """Held-out label quality of k-means on each layer: [{"layer": 1, "pnmi": ..., ...}, ...], with
+    ``with_input`` the transformer's input first as layer 0, and with ``concat`` one more entry,
+    ``"layer": "all"``, for k-means on every scored layer's frame concatenated."""
     model = load_pretrained_model(checkpoint).eval()
     audio_dir = Path(audio_dir)
     held_out = [audio_dir / f for f in list_audio(audio_dir)]
     if not held_out:
         raise ValueError(f"no .flac files under {audio_dir}")
     alignments = read_alignments(alignment_paths)
-    train_feats = layer_features(model, train_files, layer_norm)
-    held_out_feats = layer_features(model, held_out, layer_norm)
+    train_feats = layer_features(model, train_files, layer_norm, with_input)
+    held_out_feats = layer_features(model, held_out, layer_norm, with_input)
     ids, num_samples = [f.stem for f in held_out], [len(load_audio(f)) for f in held_out]
 
     def score(layer, fit_on: List[torch.Tensor], score_on: List[torch.Tensor]) -> dict:
@@ -69,8 +79,9 @@ def layer_quality(checkpoint, train_files: Sequence, audio_dir, alignment_paths:
         return {"layer": layer, "dims": fit_on[0].shape[-1], "pnmi": quality.pnmi,
                 "phone_purity": quality.phone_purity, "cluster_purity": quality.cluster_purity}
 
+    first = 0 if with_input else 1
     results = [score(layer, fit_on, score_on)
-               for layer, (fit_on, score_on) in enumerate(zip(train_feats, held_out_feats), start=1)]
+               for layer, (fit_on, score_on) in enumerate(zip(train_feats, held_out_feats), start=first)]
     if concat:
         results.append(score("all", [torch.cat(frames, dim=-1) for frames in zip(*train_feats)],
                              [torch.cat(frames, dim=-1) for frames in zip(*held_out_feats)]))
@@ -86,11 +97,12 @@ def main(argv=None):
     p.add_argument("--num-cluster", type=int, default=100)
     p.add_argument("--layer-norm", action="store_true", help="normalise each frame before k-means")
     p.add_argument("--concat", action="store_true", help="also k-means on all layers concatenated per frame")
+    p.add_argument("--input", action="store_true", help="also the transformer's input, as layer 0")
     p.add_argument("--json", action="store_true", help="print one JSON list")
     args = p.parse_args(argv)
     try:
         results = layer_quality(args.checkpoint, tsv_files(args.tsv), args.audio_dir, args.alignments,
-                                args.num_cluster, args.layer_norm, concat=args.concat)
+                                args.num_cluster, args.layer_norm, concat=args.concat, with_input=args.input)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     if args.json:
