@@ -42,15 +42,17 @@ def layer_features(model, files: Sequence, layer_norm: bool = False,
     per_layer, inputs = None, []
     first = model.wav2vec2.encoder.transformer.layers[0]
     hook = first.register_forward_pre_hook(lambda module, args: inputs.append(args[0])) if with_input else None
-    with torch.inference_mode():
-        for path in files:
-            layers, _ = model.wav2vec2.extract_features(load_audio(path)[None])
-            layers = [inputs.pop(), *layers] if with_input else layers
-            per_layer = per_layer or [[] for _ in layers]
-            for i, x in enumerate(layers):
-                per_layer[i].append(F.layer_norm(x[0], x.shape[-1:]) if layer_norm else x[0])
-    if hook is not None:
-        hook.remove()
+    try:  # an unreadable file must not leave the hook on the caller's model
+        with torch.inference_mode():
+            for path in files:
+                layers, _ = model.wav2vec2.extract_features(load_audio(path)[None])
+                layers = [inputs.pop(), *layers] if with_input else layers
+                per_layer = per_layer or [[] for _ in layers]
+                for i, x in enumerate(layers):
+                    per_layer[i].append(F.layer_norm(x[0], x.shape[-1:]) if layer_norm else x[0])
+    finally:
+        if hook is not None:
+            hook.remove()
     return per_layer
 
 
