@@ -9,8 +9,9 @@ validation on held-out speakers and label quality scored on hand-labelled phones
 
 Iteration 1 trains on MFCC k-means labels of --train-dir (train.py's tiny recipe), validating on
 --valid-dir labelled with the same k-means; then k-means on every layer of the model is scored on the
-phone-labelled audio (PNMI, tools/layer_quality.py) next to the MFCC labels. Iteration 2 trains a new model
-on k-means labels of the best iteration-1 layer and is scored the same way. The MFCC labels are made once
+phone-labelled audio (PNMI, tools/layer_quality.py) next to the MFCC labels (``--input``: the transformer's
+input too, as layer 0). Iteration 2 trains a new model on k-means labels of the best iteration-1 layer and is
+scored the same way. The MFCC labels are made once
 per --train-dir and k (``<out>/../mfcc_<K>``) and shared by the runs.
 """
 import argparse
@@ -44,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--num-classes", type=int, default=None, help="k of the training labels (default --num-cluster)")
     p.add_argument("--iterations", type=int, choices=[1, 2], default=2)
     p.add_argument("--layer-norm", action="store_true", help="normalise each frame before the layer k-means")
+    p.add_argument("--input", action="store_true",
+                   help="also score the transformer's input as layer 0 (iteration 2 may then cluster it)")
     p.add_argument("--val-check-interval", type=int, default=250, help="updates between validations")
     p.add_argument("train_flags", nargs=argparse.REMAINDER, help="-- then extra train.py flags (both iterations)")
     args = p.parse_args(argv)
@@ -84,7 +87,7 @@ def iteration(args, name: str, data: Path, feature_type: str, extra) -> dict:
     minutes = (time.perf_counter() - start) / 60 if train.main_to_end(argv) else float("nan")
     series = read_metrics(metrics_csv(exp))
     layers = layer_quality(exp / CHECKPOINT, tsv_files(data / "tsv" / "librispeech_train.tsv"), args.phone_audio,
-                           args.phone_alignments, args.num_cluster, args.layer_norm)
+                           args.phone_alignments, args.num_cluster, args.layer_norm, with_input=args.input)
     accuracy, prior = last(series, "val_masked_accuracy"), prior_accuracy(data / "label" / "label_valid.pt",
                                                                          feature_type)
     return {"train_minutes": minutes, "val_masked_accuracy": accuracy, "prior_accuracy": prior,
@@ -96,7 +99,7 @@ def main(argv=None):
     args = parse_args(argv)
     extra = [f for f in args.train_flags if f != "--"]
     mfcc = make_labels(args, args.out.parent / f"mfcc_{args.num_classes}")
-    result = {"flags": extra, "layer_norm": args.layer_norm,
+    result = {"flags": extra, "layer_norm": args.layer_norm, "input": args.input,
               "mfcc_pnmi": heldout_quality(mfcc, args.phone_audio, args.phone_alignments, mfcc_extractor()).pnmi}
     result["iter1"] = iteration(args, "iter1", mfcc, "mfcc", extra)
     if args.iterations == 2:

@@ -218,10 +218,14 @@ class Transformer(nn.Module):
 
     def get_intermediate_outputs(self, x: Tensor, attention_mask: Optional[Tensor] = None,
                                  num_layers: Optional[int] = None) -> List[Tensor]:
-        if num_layers is not None and not 0 < num_layers <= len(self.layers):
-            raise ValueError(f"`num_layers` must be between [1, {len(self.layers)}]")
-        outputs: List[Tensor] = []
+        """Outputs of layers 1..num_layers (all if None). ``num_layers=0``, which torchaudio refuses, gives
+        the layers' input alone (projected features + positional conv)."""
+        if num_layers is not None and not 0 <= num_layers <= len(self.layers):
+            raise ValueError(f"`num_layers` must be between [0, {len(self.layers)}]")
         x = self._preprocess(x)
+        if num_layers is not None and num_layers == 0:
+            return [x]
+        outputs: List[Tensor] = []
         for layer in self.layers:
             x = layer(x, attention_mask)
             outputs.append(x)

@@ -29,7 +29,8 @@ class Wav2Vec2Model(nn.Module):
     @torch.jit.export
     def extract_features(self, waveforms: Tensor, lengths: Optional[Tensor] = None,
                          num_layers: Optional[int] = None) -> Tuple[List[Tensor], Optional[Tensor]]:
-        """Outputs of transformer layers 1..num_layers (all if None), each ``(B, T, D)``, and frame lengths."""
+        """Outputs of transformer layers 1..num_layers (all if None; 0: the layers' input), each ``(B, T, D)``,
+        and frame lengths."""
         x, lengths = self.feature_extractor(waveforms, lengths)
         return self.encoder.extract_features(x, lengths, num_layers), lengths
 

@@ -93,9 +93,10 @@ def test_real_speech_runs_both_iterations(tmp_path, capsys):
         assert 0 < r["prior_accuracy"] < 1 and r["ratio"] == r["val_masked_accuracy"] / r["prior_accuracy"]
     assert (tmp_path / "run" / "data" / f"hubert_{result['iter1']['best_layer']['layer']}" / "label").is_dir()
     assert (tmp_path / "run" / "results.json").is_file() and (tmp_path / "run" / "curves.png").is_file()
-    again = real_speech.main(["--iterations", "1", *argv])  # a re-run scores the trained model, trains nothing
+    # a re-run scores the trained model and trains nothing; --input scores the transformer's input as layer 0
+    again = real_speech.main(["--iterations", "1", "--input", *argv])
     assert len(list((tmp_path / "run" / "iter1" / "lightning_logs").glob("version_*"))) == 1
-    assert again["iter1"]["layers"] == result["iter1"]["layers"]
+    assert again["iter1"]["layers"][0]["layer"] == 0 and again["iter1"]["layers"][1:] == result["iter1"]["layers"]
     # --num-classes: the training labels' k, while the layers are still scored with --num-cluster's
     argv8 = [a if a != str(tmp_path / "run") else str(tmp_path / "run8") for a in argv]
     eight = real_speech.main(["--iterations", "1", "--num-classes", "8", *argv8])

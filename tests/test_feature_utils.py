@@ -86,6 +86,13 @@ def test_hubert_layer_features_in_eval_mode_from_a_conv2d_checkpoint(tmp_path):
         assert extractor.frames(num_samples) == len(extractor.extract(waveform[:num_samples]))
     with pytest.raises(ValueError, match="--layer-index 7 is out of range: .*conv2d.ckpt has 6"):
         hubert_extractor(tmp_path / "conv2d.ckpt", 7, "cpu")
+    with pytest.raises(ValueError, match="--layer-index -1 is out of range"):
+        hubert_extractor(tmp_path / "conv2d.ckpt", -1, "cpu")
+    transformer_input = hubert_extractor(tmp_path / "conv2d.ckpt", 0, "cpu")  # --layer-index 0
+    with torch.no_grad():
+        expected = model.wav2vec2.extract_features(waveform[None], num_layers=0)[0][0][0]
+    torch.testing.assert_close(transformer_input.extract(waveform), expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(expected, feature) and "layer 0" in transformer_input.description
 
 
 def audio_list(tmp_path, lengths):

@@ -48,6 +48,9 @@ def test_the_transformer_input_is_layer_zero(checkpoint):
         features, _ = model.wav2vec2.feature_extractor(load_audio(files[0])[None], None)
         expected = encoder.transformer._preprocess(encoder.feature_projection(features))[0]
     torch.testing.assert_close(given, expected)
+    with torch.inference_mode():  # the same as the model's layer 0 (preprocess.py --layer-index 0)
+        (layer0,), _ = model.wav2vec2.extract_features(load_audio(files[0])[None], num_layers=0)
+    torch.testing.assert_close(given, layer0[0])
     assert torch.equal(first, layer_features(model, files)[0][0]) and not torch.allclose(first, given)
     results = main(["--checkpoint", str(checkpoint / "last.ckpt"), "--tsv", str(checkpoint / "train.tsv"),
                     "--audio-dir", str(DEV), "--alignments", str(ALIGNMENTS), "--num-cluster", "8", "--input"])

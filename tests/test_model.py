@@ -85,9 +85,15 @@ def test_eval_logits_and_features_match_torchaudio(reference, flags):
 
         feats_ref, len_ref = ref.wav2vec2.extract_features(batch[0], batch[2], num_layers=2)
         feats, lens = ours.wav2vec2.extract_features(batch[0], batch[2], num_layers=2)
+        # layer 0 (torchaudio refuses it): what torchaudio's first layer reads
+        x, _ = ref.wav2vec2.encoder._preprocess(*ref.wav2vec2.feature_extractor(batch[0], batch[2]))
+        input_ref = ref.wav2vec2.encoder.transformer._preprocess(x)
+        (input_ours,), _ = ours.wav2vec2.extract_features(batch[0], batch[2], num_layers=0)
     assert torch.equal(lens, len_ref) and len(feats) == len(feats_ref) == 2
-    for a, b in zip(feats, feats_ref):
+    for a, b in zip([input_ours, *feats], [input_ref, *feats_ref]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="between"):
+        ours.wav2vec2.extract_features(batch[0], batch[2], num_layers=-1)
 
 
 def test_same_seed_same_init_as_torchaudio(reference):

@@ -52,7 +52,7 @@ def main(argv=None):
     p.add_argument("--audio-dir", required=True, help="folder searched for *.flac (the held-out speakers)")
     p.add_argument("--alignments", required=True, nargs="+", help="'<utt-id>\\t<phone> ...' files at 100 Hz")
     p.add_argument("--checkpoint-path", default=None, help="model of HuBERT-layer features (else MFCC)")
-    p.add_argument("--layer-index", type=int, default=6, help="transformer layer (1-based)")
+    p.add_argument("--layer-index", type=int, default=6, help="transformer layer (1-based; 0: its input)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)

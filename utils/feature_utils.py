@@ -136,14 +136,14 @@ def file_sha256(path) -> str:
 
 
 def hubert_extractor(checkpoint_path, layer_index: int, device) -> Extractor:
-    """Output of transformer layer ``layer_index`` (1-based) of a pre-trained model → (T, D) at 50 Hz,
-    T = floor((N - 400) / 320) + 1. Unlike upstream the model is in eval mode (no dropout), so the
-    features are deterministic."""
+    """Output of transformer layer ``layer_index`` (1-based; 0: the transformer's input) of a pre-trained
+    model → (T, D) at 50 Hz, T = floor((N - 400) / 320) + 1. Unlike upstream the model is in eval mode (no
+    dropout), so the features are deterministic."""
     model = load_pretrained_model(checkpoint_path, map_location="cpu")
     num_layers = model.config["encoder_num_layers"]
-    if not 1 <= layer_index <= num_layers:
+    if not 0 <= layer_index <= num_layers:
         raise ValueError(f"--layer-index {layer_index} is out of range: {checkpoint_path} has {num_layers} "
-                         "transformer layers (1-based)")
+                         "transformer layers (1-based; 0 is their input)")
     wav2vec2 = model.wav2vec2.to(device).eval()
 
     def extract(waveform: Tensor) -> Tensor:
