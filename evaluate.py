@@ -25,7 +25,7 @@ from tqdm import tqdm
 from dataset import find_subset, list_utterances
 from utils.checkpoint import load_finetuned_model
 from utils.common_utils import atomic_write
-from utils.ctc import ErrorCounts, greedy_decode, normalise
+from utils.ctc import VOCAB, ErrorCounts, greedy_decode, normalise, spells_words
 from utils.feature_utils import load_audio
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,9 @@ def parse_args(argv=None):
 
 def lm_decoder(args, vocab: Sequence[str]) -> Callable[[torch.Tensor], str]:
     """Beam search with a KenLM model over ``(T, V)`` log-probabilities, returning the best words."""
+    if not spells_words(vocab):
+        raise SystemExit(f"evaluate.py: error: --use-lm needs a model that spells words (its vocabulary has '|'); "
+                         f"{args.checkpoint} outputs the tokens {list(vocab[1:])}")
     try:
         from torchaudio.models.decoder import ctc_decoder
     except (ImportError, RuntimeError) as e:
@@ -88,10 +91,12 @@ def lm_decoder(args, vocab: Sequence[str]) -> Callable[[torch.Tensor], str]:
     return decode
 
 
-def evaluate_folder(model, folder: Path, decode: Callable[[torch.Tensor], str], device: str):
-    """(ErrorCounts, [(utterance id, reference, hypothesis)]) of every utterance under ``folder``."""
+def evaluate_folder(model, folder: Path, decode: Callable[[torch.Tensor], str], device: str,
+                    vocab: Sequence[str] = VOCAB):
+    """(ErrorCounts, [(utterance id, reference, hypothesis)]) of every utterance under ``folder``, whose
+    transcripts are in ``vocab`` (with a token vocabulary the WER is the token error rate)."""
     counts, rows = ErrorCounts(), []
-    for u in tqdm(list_utterances([folder]), desc=f"decoding {folder.name}", unit="utt"):
+    for u in tqdm(list_utterances([folder], vocab=vocab), desc=f"decoding {folder.name}", unit="utt"):
         with torch.inference_mode():
             emission, _ = model(load_audio(u.path)[None].to(device))
         hypothesis = normalise(decode(torch.log_softmax(emission[0].float(), dim=-1)))
@@ -116,7 +121,7 @@ def main(argv=None) -> List[tuple]:
     results = []
     for name, folder in subsets:
         start = time.perf_counter()
-        counts, rows = evaluate_folder(model, folder, decode, device)
+        counts, rows = evaluate_folder(model, folder, decode, device, vocab)
         out = args.out_dir / f"{name}.tsv"
         with atomic_write(out, "w") as f:
             f.write("id\treference\thypothesis\n")

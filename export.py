@@ -48,6 +48,7 @@ from model import HuBERTPretrainModel
 from model.hubert import HUBERT_CONV
 from utils.checkpoint import finetuned_model, has_ctc_head, load_checkpoint, pretrained_model
 from utils.common_utils import atomic_write
+from utils.ctc import spells_words
 
 TOLERANCE = 1e-4
 HEAD_FILE = "hubert_pretraining_head.pt"
@@ -196,14 +197,21 @@ def hf_export(model: HuBERTPretrainModel, waveform: torch.Tensor, reference: tor
 
 def save_processor(vocab: Sequence[str], out_dir: Path) -> None:
     """Wav2Vec2Processor files for a CTC export: the tokenizer (our tokens in output order; blank is HF's pad
-    token, ``|`` its word delimiter; ``<unk>`` is added after them, for text outside the vocabulary) and a
-    feature extractor that passes the raw 16 kHz waveform through, as our training saw it."""
-    from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
+    token, ``|`` its word delimiter; ``<unk>`` is added after them, for text outside the vocabulary; a token
+    vocabulary gets HF's phoneme tokenizer, tokens separated by spaces, no phonemizer) and a feature extractor
+    that passes the raw 16 kHz waveform through, as our training saw it."""
+    from transformers import (Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2PhonemeCTCTokenizer,
+                              Wav2Vec2Processor)
 
     vocab_file = out_dir / "vocab.json"
     vocab_file.write_text(json.dumps({token: i for i, token in enumerate(vocab)}, indent=2))
-    tokenizer = Wav2Vec2CTCTokenizer(str(vocab_file), unk_token="<unk>", pad_token=vocab[0],
-                                     word_delimiter_token=vocab[1], bos_token=None, eos_token=None)
+    if spells_words(vocab):
+        tokenizer = Wav2Vec2CTCTokenizer(str(vocab_file), unk_token="<unk>", pad_token=vocab[0],
+                                         word_delimiter_token=vocab[1], bos_token=None, eos_token=None)
+    else:
+        tokenizer = Wav2Vec2PhonemeCTCTokenizer(str(vocab_file), unk_token="<unk>", pad_token=vocab[0],
+                                                do_phonemize=False, phone_delimiter_token=" ",
+                                                word_delimiter_token=None, bos_token=None, eos_token=None)
     extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=False,
                                          return_attention_mask=True)
     Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(out_dir)

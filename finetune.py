@@ -10,7 +10,8 @@
 --dataset-path is upstream's folder: the LibriLight-limited data (librispeech_finetuning/, as dataset_itr1.py
 --librispeech_split librilight fetches it) and LibriSpeech's dev-other, anywhere below it. --checkpoint is a
 train.py checkpoint (either conv layout) or an export.py --torchaudio file; --random-init fine-tunes a randomly
-initialised --model-name instead (the baseline that pre-training must beat).
+initialised --model-name instead (the baseline that pre-training must beat). --vocab FILE trains on tokens
+(phones) listed in the transcripts instead of characters.
 Checkpoints go to <exp-dir>/checkpoints_<model-name>/ (top 5 by val_loss and by train_loss, last.ckpt) and
 keep upstream's keys (model.wav2vec2.*, aux.*) plus hubert_config and ctc_vocab; evaluate.py decodes them.
 """
@@ -27,7 +28,7 @@ from dataset import find_subset, librilight_folders
 from lightning_finetune import HuBERTFineTuneModule
 from model import FACTORIES, infer_arch
 from utils.checkpoint import load_checkpoint
-from utils.ctc import VOCAB
+from utils.ctc import VOCAB, read_vocab
 from utils.callbacks import CheckpointKeeper, TrainStatCallback
 from utils.device import PRECISIONS, configure_process, resolve_precision, set_hpu_autocast_lists
 from utils.launch import default_num_nodes
@@ -59,7 +60,10 @@ def parse_args(argv=None):
     a("--model-arg", type=train.parse_model_arg, action="append", default=[], metavar="NAME=VALUE",
       help="override any other model argument, e.g. mask_length=5 (repeatable)")
     a("--num-classes", type=int, default=500, help="pre-training classes (only for --random-init)")
-    a("--aux-num-out", type=int, default=len(VOCAB), help=f"CTC outputs: the {len(VOCAB)}-token character vocabulary")
+    a("--vocab", type=Path, default=None, metavar="FILE",
+      help="a token vocabulary (phones, say), one per line; transcripts list tokens separated by spaces "
+           f"(default: the {len(VOCAB)}-token character vocabulary)")
+    a("--aux-num-out", type=int, default=None, help="CTC outputs: the vocabulary's size (blank included)")
     a("--learning-rate", type=float, default=5e-5, help="peak learning rate")
     a("--betas", type=train.parse_betas, default=(0.9, 0.98), help="Adam betas, e.g. 0.9,0.98")
     a("--adam-eps", type=float, default=1e-8)
@@ -94,8 +98,12 @@ def parse_args(argv=None):
         p.error("--random-init needs --model-name")
     if args.dataset_path is None and not (args.train_dir and args.valid_dir):
         p.error("give --dataset-path, or both --train-dir and --valid-dir")
-    if args.aux_num_out != len(VOCAB):
-        p.error(f"--aux-num-out must be {len(VOCAB)}, the size of the character vocabulary")
+    try:
+        args.vocab = VOCAB if args.vocab is None else read_vocab(args.vocab)
+    except (OSError, ValueError) as e:
+        p.error(str(e))
+    if args.aux_num_out not in (None, len(args.vocab)):
+        p.error(f"--aux-num-out must be {len(args.vocab)}, the size of the vocabulary")
     try:
         resolve_precision(args.precision, train.accelerator_name(args), args.autocast)
     except ValueError as e:
@@ -175,7 +183,7 @@ def build(args):
         eps=args.adam_eps, weight_decay=args.weight_decay, clip_norm=args.clip_norm,
         freeze_encoder_updates=args.freeze_encoder_updates, warmup_updates=args.warmup_updates,
         hold_updates=args.hold_updates, decay_updates=args.decay_updates, num_workers=args.num_workers,
-        seed=args.seed, use_autocast=precision.autocast)
+        seed=args.seed, use_autocast=precision.autocast, vocab=args.vocab)
     num_nodes = args.num_nodes or default_num_nodes()
     accelerator, devices, strategy = accelerator_and_strategy(args, num_nodes)
     configure_process(precision, device)

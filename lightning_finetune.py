@@ -69,8 +69,8 @@ class HuBERTFineTuneModule(pl.LightningModule):
         if self.datasets:
             return
         h = self.hparams
-        self.datasets = {"train": TranscribedAudio(list_utterances(h.train_folders), h.vocab),
-                         "val": TranscribedAudio(list_utterances(h.valid_folders), h.vocab)}
+        self.datasets = {"train": TranscribedAudio(list_utterances(h.train_folders, vocab=h.vocab), h.vocab),
+                         "val": TranscribedAudio(list_utterances(h.valid_folders, vocab=h.vocab), h.vocab)}
         for stage, dataset in self.datasets.items():
             longest = int(dataset.lengths.argmax())
             if dataset.lengths[longest] > h.seconds_per_batch * SAMPLE_RATE:

@@ -56,9 +56,11 @@ def librilight_folders(root: Union[str, Path], subset: str) -> List[Path]:
     return folders
 
 
-def list_utterances(folders: Sequence[Union[str, Path]], extension: str = "flac") -> List[Utterance]:
-    """Every transcribed utterance under ``folders``, sorted by id. Audio headers are checked first: one
-    error lists every missing or unusable file (wrong rate, not mono, too short)."""
+def list_utterances(folders: Sequence[Union[str, Path]], extension: str = "flac",
+                    vocab: Sequence[str] = VOCAB) -> List[Utterance]:
+    """Every transcribed utterance under ``folders``, sorted by id; a transcript outside ``vocab`` is an error
+    naming its line. Audio headers are checked first: one error lists every missing or unusable file (wrong
+    rate, not mono, too short)."""
     utterances, problems = [], []
     for folder in folders:
         trans_files = sorted(Path(folder).glob("**/*.trans.txt"))
@@ -70,7 +72,7 @@ def list_utterances(folders: Sequence[Union[str, Path]], extension: str = "flac"
                     continue
                 utt_id, _, text = line.strip().partition(" ")
                 try:
-                    encode(text)
+                    encode(text, vocab)
                 except ValueError as e:
                     raise ValueError(f"{trans}:{lineno}: {e}") from None
                 path = trans.parent / f"{utt_id}.{extension}"

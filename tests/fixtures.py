@@ -74,21 +74,22 @@ def make_transcribed_corpus(root: Path, n_utts: int = 6, seed: int = 0, words=(2
     return root
 
 
-def save_finetuned_checkpoint(path: Path, use_conv2d: bool = False, seed: int = 0) -> Path:
+def save_finetuned_checkpoint(path: Path, use_conv2d: bool = False, seed: int = 0, vocab=None) -> Path:
     """A finetune.py-style checkpoint of a tiny model with every weight random (an identity layer norm would hide
-    a swapped mapping) and a 29-way CTC head."""
+    a swapped mapping) and a CTC head over ``vocab`` (default: the 29 characters)."""
     import torch
 
     from model import hubert_pretrain_tiny
     from utils.ctc import VOCAB
 
+    vocab = VOCAB if vocab is None else vocab
     torch.manual_seed(seed)
     model = hubert_pretrain_tiny(use_conv2d=use_conv2d, use_instancenorm=use_conv2d)
-    aux = torch.nn.Linear(256, len(VOCAB))
+    aux = torch.nn.Linear(256, len(vocab))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     state = {**{f"model.{k}": v for k, v in model.state_dict().items()},
              **{f"aux.{k}": v for k, v in aux.state_dict().items()}}
-    torch.save({"state_dict": state, "hubert_config": model.config, "ctc_vocab": list(VOCAB), "global_step": 5}, path)
+    torch.save({"state_dict": state, "hubert_config": model.config, "ctc_vocab": list(vocab), "global_step": 5}, path)
     return path

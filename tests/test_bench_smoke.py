@@ -1,5 +1,6 @@
 """The bench scripts run end to end at tiny sizes and print their tables (seconds each; the GPU suite's CPU
 smoke run about 40 CPU-seconds)."""
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import (audio_check, data_path, flops, preprocess_scale, real_speech, recompiles, tiny_speed, tiny_study,
+from bench import (audio_check, data_path, flops, phone_finetune, preprocess_scale, real_speech, recompiles, tiny_speed, tiny_study,
                    train_step)
 from utils.checkpoint import load_checkpoint
 
@@ -103,6 +104,39 @@ def test_real_speech_runs_both_iterations(tmp_path, capsys):
     config = load_checkpoint(tmp_path / "run8" / "iter1" / real_speech.CHECKPOINT)["hubert_config"]
     assert config["num_classes"] == 8 and (tmp_path / "mfcc_8" / "data" / "mfcc" / "label").is_dir()
     assert len(eight["iter1"]["layers"]) == 6
+
+
+def test_phone_finetune_scores_every_fold_and_resumes(tmp_path, capsys):
+    """Demo speech with its espeak-ng phones renamed p0, p1, ... (TIMIT-like: lower case, no two alike when
+    upper-cased); random weights and a pre-trained checkpoint, two folds of held-out speakers."""
+    from model import hubert_pretrain_tiny
+
+    names = {}
+    lines = []
+    for line in (REPO / "demo_data" / "alignments" / "dev-clean.tsv").read_text().splitlines():
+        utt, phones = line.split("\t")
+        lines.append(utt + "\t" + " ".join(p if p == "sil" else names.setdefault(p, f"p{len(names)}")
+                                            for p in phones.split()))
+    (tmp_path / "align.tsv").write_text("\n".join(lines) + "\n")
+    model = hubert_pretrain_tiny()
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hubert_config": model.config, "global_step": 10}, tmp_path / "pre.ckpt")
+    argv = ["--audio", str(REPO / "demo_data" / "LibriSpeech" / "dev-clean"), "--alignments",
+            str(tmp_path / "align.tsv"), "--checkpoint", f"pre={tmp_path / 'pre.ckpt'}", "--out", str(tmp_path / "run"),
+            "--folds", "2", "--updates", "2", "--", "--warmup-updates", "1", "--freeze-encoder-updates", "1",
+            "--val-check-interval", "2", "--log-every-n-steps", "1"]
+    table = phone_finetune.main(argv)
+    assert set(table) == {"random", "pre"} and all(0 <= per for per in table.values())
+    assert "PER" in capsys.readouterr().out
+    results = json.loads((tmp_path / "run" / "results.json").read_text())["runs"]
+    assert len(results) == 4 and results["pre/fold0"]["held_out"] == ["900", "902"]
+    trans = (tmp_path / "run" / "fold0" / "corpus" / "LibriSpeech" / "dev-clean" / "900" / "900.trans.txt")
+    first = trans.read_text().splitlines()[0].split()
+    assert first[0] == "900-9001-0000" and "SIL" not in first and all(p.startswith("p") for p in first[1:])
+    vocab = (tmp_path / "run" / "phones.txt").read_text().split()
+    assert sorted(vocab) == sorted(names.values())
+    assert phone_finetune.main(argv) == table  # a re-run fine-tunes nothing
+    assert len(list((tmp_path / "run" / "fold1" / "pre" / "lightning_logs").glob("version_*"))) == 1
 
 
 def test_gpu_suite_cpu_smoke_prints_every_row(tmp_path):

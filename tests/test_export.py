@@ -206,3 +206,27 @@ def test_finetuned_export_is_a_hubert_for_ctc_with_its_processor(tmp_path, use_c
     for i in range(len(ids)):  # HF's tokenizer merges repeats, drops the pad (blank) and reads | as a space
         text = processor.decode(ids[i, :frames[i]])
         assert text == greedy_decode(logits[i], int(frames[i])) and len(text) > 5
+
+
+def test_a_phone_model_exports_with_a_tokenizer_that_spaces_its_tokens(tmp_path):
+    """A token (phone) vocabulary: HF's phoneme tokenizer, without a phonemizer, decodes as our greedy search."""
+    from transformers import HubertForCTC, Wav2Vec2Processor
+
+    from tests.fixtures import save_finetuned_checkpoint
+    from utils.checkpoint import load_finetuned_model
+    from utils.ctc import greedy_decode
+
+    phones = ("-", "AA", "B", "SH", "IY", "T")
+    ckpt = save_finetuned_checkpoint(tmp_path / "ft.ckpt", vocab=phones)
+    export.main(["--checkpoint", str(ckpt), "--hf-dir", str(tmp_path / "hf")])
+    ours, vocab = load_finetuned_model(ckpt)
+    processor = Wav2Vec2Processor.from_pretrained(tmp_path / "hf", local_files_only=True)
+    hf_model = HubertForCTC.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    assert vocab == phones and hf_model.config.vocab_size == 6
+    waveforms, _ = padded_batch()
+    with torch.no_grad():
+        logits, frames = ours.eval()(waveforms[:1, :LENGTHS[0]])
+        ids = hf_model(waveforms[:1, :LENGTHS[0]]).logits.argmax(-1)[0]
+    text = processor.decode(ids)
+    assert text == greedy_decode(logits[0], vocab=vocab) and " " in text and set(text.split()) <= set(phones[1:])
+    assert processor.tokenizer("AA SH T").input_ids == [1, 3, 5]

@@ -2,6 +2,7 @@
 CTC model can learn (tests/fixtures.make_transcribed_corpus)."""
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 import finetune
 from model import hubert_pretrain_tiny
-from tests.fixtures import make_transcribed_corpus
+from tests.fixtures import LETTERS, make_transcribed_corpus
 from utils.checkpoint import load_checkpoint, load_finetuned_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,6 +142,43 @@ def test_random_init_baseline_and_aux_width(corpus, tmp_path):
         "--valid-dir", str(corpus[1]), "--exp-dir", str(tmp_path / "exp"), "--model-arg", "mask_length=7"]))
     assert module.aux.in_features == 256  # the encoder's width (upstream's Habana module: always 768)
     assert module.model.mask_generator.mask_length == 7
+
+
+def test_a_token_vocabulary_fine_tunes_and_decodes_phones(corpus, pretrained, tmp_path, capsys):
+    """--vocab: one CTC output per token; transcripts list the tokens (each tone a 'phone', no word breaks)."""
+    import evaluate
+    from dataset import list_utterances
+
+    (tmp_path / "phones.txt").write_text("".join(f"{c.lower()}\n" for c in LETTERS))
+    folders = []
+    for folder in corpus:
+        copy = Path(shutil.copytree(folder, tmp_path / folder.name))
+        for trans in copy.rglob("*.trans.txt"):
+            lines = [line.partition(" ") for line in trans.read_text().splitlines()]
+            trans.write_text("".join(f"{utt} {' '.join(text.replace(' ', ''))}\n" for utt, _, text in lines))
+        folders.append(copy)
+    vocab = ("-", *LETTERS)
+    with pytest.raises(ValueError, match=r"7-70.trans.txt:1: tokens \['[A-Z]{2,}"):
+        list_utterances([corpus[0]], vocab=vocab)  # words are not tokens
+    exp = tmp_path / "exp"
+    finetune.main(args_for(folders, pretrained, exp, "--vocab", str(tmp_path / "phones.txt"), "--max-updates", "4",
+                           "--freeze-encoder-updates", "2"))
+    model, saved = load_finetuned_model(last_ckpt(exp))
+    assert saved == vocab and model.aux.out_features == len(LETTERS) + 1
+    [(_, n, per, _, out)] = evaluate.main(["--checkpoint", str(last_ckpt(exp)), "--data-dir", str(folders[1]),
+                                           "--out-dir", str(tmp_path / "eval")])
+    rows = [line.split("\t") for line in out.read_text().splitlines()[1:]]
+    assert n == len(rows) == 3 and 0 <= per and all(set(hyp.split()) <= set(LETTERS) for _, _, hyp in rows)
+    assert all(len(ref.split()) == len(ref.replace(" ", "")) for _, ref, _ in rows)  # one letter per token
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        finetune.parse_args(args_for(folders, pretrained, exp, "--vocab", str(tmp_path / "phones.txt"),
+                                     "--aux-num-out", "29"))
+    assert "--aux-num-out must be 11, the size of the vocabulary" in capsys.readouterr().err
+    (tmp_path / "bad.txt").write_text("aa\nb\nAA\n")
+    with pytest.raises(SystemExit):
+        finetune.parse_args(args_for(folders, pretrained, exp, "--vocab", str(tmp_path / "bad.txt")))
+    assert "bad.txt: expected one token per line" in capsys.readouterr().err
 
 
 def test_bad_arguments_and_files_are_named(corpus, pretrained, tmp_path):

@@ -72,7 +72,8 @@ def finetune_and_score(corpus: Path, exp: Path, source: list, updates: int, extr
     finetune.main([*source, "--train-dir", str(corpus / "LibriSpeech" / "train-clean-100"), "--valid-dir", str(dev),
                    "--exp-dir", str(exp), *FINETUNE_RECIPE, "--max-updates", str(updates), *extra])
     model, vocab = load_finetuned_model(exp / "checkpoints_hubert_pretrain_tiny" / "last.ckpt")
-    counts, _ = evaluate_folder(model.eval(), dev, lambda log_probs: greedy_decode(log_probs, vocab=vocab), "cpu")
+    counts, _ = evaluate_folder(model.eval(), dev, lambda log_probs: greedy_decode(log_probs, vocab=vocab), "cpu",
+                                vocab)
     return counts, read_metrics(metrics_csv(exp))
 
 
