@@ -208,4 +208,8 @@ class HuBERTFineTuneModule(pl.LightningModule):
         checkpoint["ctc_vocab"] = list(self.hparams.vocab)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved, ours = checkpoint.get("ctc_vocab", list(VOCAB)), list(self.hparams.vocab)
+        if saved != ours:  # before Lightning loads the weights, whose CTC head would not fit
+            raise ValueError(f"the checkpoint was fine-tuned on the vocabulary {saved}, not on this run's {ours} "
+                             "(--vocab)")
         self._resume_without_data_position = predates_resumable_data(checkpoint)
