@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import (audio_check, data_path, flops, phone_finetune, preprocess_scale, real_speech, recompiles, tiny_speed, tiny_study,
-                   train_step)
+from bench import (audio_check, data_path, flops, phone_finetune, preprocess_scale, real_speech, recompiles,
+                   tiny_speed, tiny_study, train_step)
 from utils.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -171,7 +171,8 @@ def test_a_token_vocabulary_fine_tunes_and_decodes_phones(corpus, pretrained, tm
     assert n == len(rows) == 3 and 0 <= per and all(set(hyp.split()) <= set(LETTERS) for _, _, hyp in rows)
     assert all(len(ref.split()) == len(ref.replace(" ", "")) for _, ref, _ in rows)  # one letter per token
     with pytest.raises(ValueError, match="fine-tuned on the vocabulary .*'A', 'B'.* not on this run's .*'\\|'"):
-        finetune.main(args_for(corpus, pretrained, exp, "--max-updates", "6", "--resume-checkpoint", str(last_ckpt(exp))))
+        finetune.main(args_for(corpus, pretrained, exp, "--max-updates", "6",
+                               "--resume-checkpoint", str(last_ckpt(exp))))
     capsys.readouterr()
     with pytest.raises(SystemExit):
         finetune.parse_args(args_for(folders, pretrained, exp, "--vocab", str(tmp_path / "phones.txt"),
