@@ -58,8 +58,8 @@ def phone_transcripts(args) -> dict:
     audio = {path.stem: path for path in args.audio.rglob("*.flac")}
     transcripts = {}
     for utt, frames in sorted(read_alignments(args.alignments).items()):
-        if utt in audio and not fnmatch.fnmatch(utt, args.exclude):
-            phones = [p for p, _ in itertools.groupby(frames) if p != args.silence]
+        phones = [p for p, _ in itertools.groupby(frames) if p != args.silence]
+        if utt in audio and phones and not fnmatch.fnmatch(utt, args.exclude):
             transcripts[utt] = (audio[utt], " ".join(phones))
     if not transcripts:
         raise SystemExit(f"phone_finetune.py: error: no utterance of {args.alignments} has audio in {args.audio}")
