@@ -10,8 +10,9 @@ and score the phone error rate (PER) on held-out speakers, fold by fold (docs/ph
 Transcripts are the aligned phones with repeats merged and --silence dropped, one CTC token each
 (finetune.py --vocab); utterances whose id matches --exclude (TIMIT's SA sentences, which every speaker reads)
 are left out. Fold k holds out speakers k, k + F, k + 2F, ... of the sorted speakers (F = --folds) and trains
-on the rest. Fine-tuning is the demo's recipe (tools/demo.py FINETUNE_RECIPE). Each finished fine-tuning is
-kept in <out>/results.json, so an interrupted run continues where it stopped.
+on the rest. Fine-tuning is the demo's recipe (tools/demo.py FINETUNE_RECIPE); each run keeps its final
+checkpoint only (--save-top-k 0). Each finished fine-tuning is kept in <out>/results.json, so an interrupted
+run continues where it stopped.
 """
 import argparse
 import fnmatch
@@ -96,7 +97,7 @@ def main(argv=None):
     with atomic_write(vocab, "w") as f:
         f.writelines(f"{p}\n" for p in sorted({p for _, text in transcripts.values() for p in text.split()}))
     u = args.updates  # warm-up 20, then the last fifth decays (as bench/finetune_study.py)
-    flags = ["--vocab", str(vocab), "--hold-updates", str(max(0, u - 20 - u // 5)), "--decay-updates",
+    flags = ["--vocab", str(vocab), "--save-top-k", "0", "--hold-updates", str(max(0, u - 20 - u // 5)), "--decay-updates",
              str(max(1, u // 5)), *extra]
     results_file = args.out / "results.json"
     setup = {"updates": u, "flags": extra, "folds": args.folds, "exclude": args.exclude, "silence": args.silence}

@@ -135,6 +135,9 @@ def test_phone_finetune_scores_every_fold_and_resumes(tmp_path, capsys):
     assert first[0] == "900-9001-0000" and "SIL" not in first and all(p.startswith("p") for p in first[1:])
     vocab = (tmp_path / "run" / "phones.txt").read_text().split()
     assert sorted(vocab) == sorted(names.values())
+    ckpts = tmp_path / "run" / "fold0" / "pre" / "checkpoints_hubert_pretrain_tiny"
+    kept = [p.name for p in ckpts.glob("*.ckpt") if p.name != "last.ckpt"]
+    assert kept == [(ckpts / "last.ckpt").resolve().name]  # the final state only
     assert phone_finetune.main(argv) == table  # a re-run fine-tunes nothing
     assert len(list((tmp_path / "run" / "fold1" / "pre" / "lightning_logs").glob("version_*"))) == 1
 
