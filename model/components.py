@@ -219,7 +219,7 @@ class Transformer(nn.Module):
     def get_intermediate_outputs(self, x: Tensor, attention_mask: Optional[Tensor] = None,
                                  num_layers: Optional[int] = None) -> List[Tensor]:
         """Outputs of layers 1..num_layers (all if None). ``num_layers=0``, which torchaudio refuses, gives
-        the layers' input alone (projected features + positional conv)."""
+        the layers' input alone (projected features + positional conv; layer-normed in post-LN models)."""
         if num_layers is not None and not 0 <= num_layers <= len(self.layers):
             raise ValueError(f"`num_layers` must be between [0, {len(self.layers)}]")
         x = self._preprocess(x)
