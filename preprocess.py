@@ -65,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="folder searched for **/*.flac; only files with 'train' in their path are used")
     parser.add_argument("--num-rank", type=int, default=5, help="number of shards of the feature files")
     parser.add_argument("--feat-type", default="mfcc", choices=["mfcc", "hubert"], help="features for k-means")
-    parser.add_argument("--layer-index", type=int, default=6, help="transformer layer (1-based) for hubert; 0: the transformer's input")
+    parser.add_argument("--layer-index", type=int, default=6,
+                        help="transformer layer (1-based) for hubert; 0: the transformer's input")
     parser.add_argument("--checkpoint-path", type=Path, default=None,
                         help="train.py checkpoint (or state dict) of the model for --feat-type hubert")
     parser.add_argument("--use-gpu", type=parse_bool, nargs="?", const=True, default=False,

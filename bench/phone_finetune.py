@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repo's packages
 from bench.finetune_study import cpu_seconds  # noqa: E402
-from tools.demo import finetune_and_score  # noqa: E402
+from tools.demo import finetune_and_score, finetune_schedule  # noqa: E402
 from utils.common_utils import atomic_write  # noqa: E402
 from utils.label_quality import read_alignments  # noqa: E402
 
@@ -78,9 +78,7 @@ def write_fold(transcripts: dict, held_out: set, corpus: Path) -> None:
         split = "dev-clean" if speaker(utt) in held_out else "train-clean-100"
         folder = corpus / "LibriSpeech" / split / speaker(utt)
         folder.mkdir(parents=True, exist_ok=True)
-        link = folder / f"{utt}.flac"
-        if not link.exists():
-            os.symlink(path.resolve(), link)
+        os.symlink(path.resolve(), folder / f"{utt}.flac")
         with open(folder / f"{speaker(utt)}.trans.txt", "a") as f:
             f.write(f"{utt} {phones}\n")
 
@@ -96,9 +94,8 @@ def main(argv=None):
     vocab = args.out / "phones.txt"
     with atomic_write(vocab, "w") as f:
         f.writelines(f"{p}\n" for p in sorted({p for _, text in transcripts.values() for p in text.split()}))
-    u = args.updates  # warm-up 20, then the last fifth decays (as bench/finetune_study.py)
-    flags = ["--vocab", str(vocab), "--save-top-k", "0", "--hold-updates", str(max(0, u - 20 - u // 5)), "--decay-updates",
-             str(max(1, u // 5)), *extra]
+    u = args.updates
+    flags = ["--vocab", str(vocab), "--save-top-k", "0", *finetune_schedule(u), *extra]
     results_file = args.out / "results.json"
     setup = {"updates": u, "flags": extra, "folds": args.folds, "exclude": args.exclude, "silence": args.silence}
     saved = json.loads(results_file.read_text()) if results_file.exists() else {}

@@ -36,6 +36,12 @@ FINETUNE_RECIPE = ["--accelerator", "cpu", "--devices", "1", "--num-workers", "1
                    "--encoder-layer-drop", "0", "--val-check-interval", "25", "--log-every-n-steps", "5"]
 
 
+def finetune_schedule(updates: int) -> list:
+    """FINETUNE_RECIPE's hold and decay for ``updates``: warm-up 20, then the last fifth decays (the runs
+    docs/finetune_study.md measured for 150 updates)."""
+    return ["--hold-updates", str(max(0, updates - 20 - updates // 5)), "--decay-updates", str(max(1, updates // 5))]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO / "exp_demo", help="everything the demo writes")
@@ -93,10 +99,9 @@ def main(argv=None):
     ckpt1 = pretrain(args, labels1, args.out / "iter1", "mfcc", args.updates[0])
     labels2 = make_labels(args, args.out, checkpoint=ckpt1)
     ckpt2 = pretrain(args, labels2, args.out / "iter2", "hubert", args.updates[1])
-    # Warm-up 20, then the last fifth decays (the runs docs/finetune_study.md measured for 150 updates).
     u = args.finetune_updates
-    schedule = ["--hold-updates", str(max(0, u - 20 - u // 5)), "--decay-updates", str(max(1, u // 5))]
-    finetuned = [(name, *finetune_and_score(args.corpus, args.out / f"finetune_{tag}", source, u, schedule))
+    finetuned = [(name, *finetune_and_score(args.corpus, args.out / f"finetune_{tag}", source, u,
+                                            finetune_schedule(u)))
                  for name, tag, source in (("iteration 2", "iter2", ["--checkpoint", str(ckpt2)]),
                                            ("random init", "random", ["--random-init", "--model-name",
                                                                       "hubert_pretrain_tiny"]))]
