@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 import train
 from dataset import find_subset, librilight_folders
@@ -32,6 +31,7 @@ from utils.ctc import VOCAB, read_vocab
 from utils.callbacks import CheckpointKeeper, TrainStatCallback
 from utils.device import PRECISIONS, configure_process, resolve_precision, set_hpu_autocast_lists
 from utils.launch import default_num_nodes
+from utils.loggers import run_loggers
 
 
 def parse_args(argv=None):
@@ -189,8 +189,7 @@ def build(args):
     configure_process(precision, device)
     ckpt_dir = args.exp_dir / f"checkpoints_{model_name_of(args, module)}"
     callbacks = [CheckpointKeeper(ckpt_dir, args.save_top_k), FineTuneStatCallback(1)]
-    tensorboard = TensorBoardLogger(args.exp_dir, name="lightning_logs")
-    loggers = [tensorboard, CSVLogger(args.exp_dir, name="lightning_logs", version=tensorboard.version)]
+    loggers = run_loggers(args.exp_dir)
     trainer = pl.Trainer(
         default_root_dir=args.exp_dir, max_steps=args.max_updates, num_nodes=num_nodes, accelerator=accelerator,
         devices=devices, strategy=strategy, use_distributed_sampler=False, callbacks=callbacks, logger=loggers,

@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 
 import pytorch_lightning as pl
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_info
 
@@ -24,6 +23,7 @@ from utils.checkpoint import load_checkpoint
 from utils.device import (PRECISIONS, check_devices, configure_process, fast_cpu_bf16, hpu_accelerator_and_strategy,
                           resolve_precision, set_hpu_autocast_lists)
 from utils.launch import default_num_nodes, launched_processes
+from utils.loggers import run_loggers
 
 SCRIPT_DIR = Path(__file__).resolve().parent
 
@@ -243,8 +243,7 @@ def build(args):
                    f"({devices} {accelerator_name(args).upper()} x {num_nodes} node(s))")
     ckpt_dir = checkpoint_dir(args.exp_dir, args.dataset, args.model_name)
     callbacks = [CheckpointKeeper(ckpt_dir, args.save_top_k), TrainStatCallback(args.skip_steps)]
-    tensorboard = TensorBoardLogger(args.exp_dir, name="lightning_logs")
-    loggers = [tensorboard, CSVLogger(args.exp_dir, name="lightning_logs", version=tensorboard.version)]
+    loggers = run_loggers(args.exp_dir)
     trainer = pl.Trainer(
         default_root_dir=args.exp_dir, max_steps=args.max_updates, num_nodes=num_nodes,
         accelerator=accelerator, devices=devices, strategy=strategy, use_distributed_sampler=False,

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import components
-from .logits import LogitGenerator
+from .logits import LogitGenerator, at_least_fp32
 from .masking import MaskGenerator
 
 HUBERT_CONV = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
@@ -72,7 +72,7 @@ class HuBERTPretrainModel(nn.Module):
             )
         if self.feature_grad_mult is not None:
             x = components.GradMultiply.apply(x, self.feature_grad_mult)
-        features_pen = x.float().pow(2).mean()
+        features_pen = at_least_fp32(x).pow(2).mean()
         padding_mask = components.get_padding_mask(x, lengths) if lengths is not None else None
         x, attention_mask = self.wav2vec2.encoder._preprocess(x, lengths)
         x, mask = self.mask_generator(x, padding_mask)

@@ -4,7 +4,8 @@ Upstream builds a ``(C+1, N, F)`` tensor (the target embedding plus every class)
 ``cosine_similarity``. The same function is one normalised ``(N, F) @ (F, C)`` matmul: the target column
 is gathered from it and moved to the front, and every class whose embedding equals the target's is set to
 ``-inf`` (the target's own column included), so cross entropy with target index 0 is a softmax over the
-``C`` classes. Computed in fp32 even under autocast, as upstream.
+``C`` classes. Computed in fp32 even under autocast, as upstream (in float64 for a float64 model, where
+upstream's ``.float()`` would round it to fp32).
 """
 import math
 from typing import Optional, Tuple
@@ -13,6 +14,10 @@ import torch
 from torch import Tensor, nn
 
 LOGIT_TEMP = 0.1
+
+
+def at_least_fp32(x: Tensor) -> Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _normalize(x: Tensor, eps: float = 1e-8) -> Tensor:
@@ -27,8 +32,8 @@ def compute_logits(proj_x: Tensor, target: Tensor, label_embeddings: Tensor, spl
     iteration-2 memory saving), for any number of classes.
     """
     with torch.autocast(device_type=proj_x.device.type, enabled=False):
-        x = _normalize(proj_x.float())
-        emb = _normalize(label_embeddings.float())
+        x = _normalize(at_least_fp32(proj_x))
+        emb = _normalize(at_least_fp32(label_embeddings))
         chunks = emb.split(math.ceil(len(emb) / 2)) if split_logits else (emb,)
         logits = torch.cat([x @ chunk.T for chunk in chunks], dim=1) / LOGIT_TEMP
         target = target.long()

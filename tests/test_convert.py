@@ -1,5 +1,6 @@
 """conv2d <-> conv1d conversion of weights and optimizer moments, weight-norm names, and rebuilding from a
 state dict."""
+import copy
 import warnings
 
 import pytest
@@ -8,7 +9,10 @@ import torch
 from model.convert import is_conv_weight
 from model import (convert_conv_layout, convert_optimizer_state, convert_weight_norm, hubert_pretrain_model,
                    hubert_pretrain_tiny, infer_arch, model_from_state_dict, strip_prefix)
+from tests.numerics import assert_same_math
 from tests.test_model import SMALL, make_batch
+
+pytestmark = pytest.mark.numerics  # run again under ATEN_CPU_CAPABILITY=default by make test
 
 
 def test_state_dict_round_trip_and_shapes():
@@ -56,12 +60,12 @@ def test_model_from_state_dict_infers_the_architecture():
     assert infer_arch(state) == "hubert_pretrain_tiny"
     rebuilt = model_from_state_dict(state)
     assert rebuilt.config["use_conv2d"] is False and rebuilt.config["num_classes"] == 37
-    source.eval(), rebuilt.eval()
-    waveforms = torch.randn(1, 16000)
+    source.eval().double(), rebuilt.eval().double()
+    waveforms = torch.randn(1, 16000, dtype=torch.float64)
     with torch.no_grad():
         a = source.wav2vec2.extract_features(waveforms, num_layers=2)[0][-1]
         b = rebuilt.wav2vec2.extract_features(waveforms, num_layers=2)[0][-1]
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert_same_math(a, b)
 
 
 def test_model_from_state_dict_with_saved_config():
@@ -94,8 +98,8 @@ def test_legacy_weight_norm_names_load_into_torchaudio_20s_positional_conv():
         warnings.simplefilter("ignore", FutureWarning)  # the old API is deprecated, still what 2.0.1 used
         old = torch.nn.utils.weight_norm(old, name="weight", dim=2)
     old.load_state_dict({k[len(prefix):]: v for k, v in legacy.items() if k.startswith(prefix)})
-    x = torch.randn(2, ours.in_channels, 50)
-    torch.testing.assert_close(old(x), ours(x), rtol=0, atol=1e-6)
+    x = torch.randn(2, ours.in_channels, 50, dtype=torch.float64)
+    assert_same_math(old.double()(x), copy.deepcopy(ours).double()(x))
     rebuilt = model_from_state_dict(strip_prefix(legacy), model.config)
     for key, value in model.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[key], value), key

@@ -9,6 +9,8 @@ alone (in our model, torchaudio's and HF's alike); a layer-norm extractor is per
 ``hidden_states`` of transformers 5.x are (input of layer 1, output of layer 1, ..., output of layer L)
 before the final layer norm of a pre-LN encoder, the same as our ``extract_features`` after the first.
 """
+import copy
+
 import pytest
 import torch
 import torchaudio
@@ -16,7 +18,10 @@ from transformers import HubertConfig, HubertModel  # a test dependency (require
 
 import export
 from model import hubert_pretrain_base, hubert_pretrain_model, hubert_pretrain_tiny
+from tests.numerics import assert_same_math
 from tests.test_model import SMALL
+
+pytestmark = pytest.mark.numerics  # run again under ATEN_CPU_CAPABILITY=default by make test
 
 PRE_LN = {**SMALL, "encoder_num_layers": 2}  # Large's layout: layer-norm extractor, pre-LN, conv bias
 LENGTHS = torch.tensor([16000, 11000])
@@ -52,11 +57,20 @@ def padded_batch():
     return waveforms, attention_mask
 
 
+def padded_batch64():
+    waveforms, attention_mask = padded_batch()
+    return waveforms.double(), attention_mask
+
+
+def float64(*models):
+    """Float64 copies: the exports are fp32 files, compared as functions in float64 (tests/numerics.py)."""
+    return [copy.deepcopy(m).double() for m in models]
+
+
 def assert_layers_close(ours, theirs):
     assert len(ours) == len(theirs)
     for i, (a, b) in enumerate(zip(ours, theirs)):
-        # fp32 rounding (instance norm vs GroupNorm, then a pre-LN residual that grows): ~1e-5 seen.
-        torch.testing.assert_close(b, a, atol=3e-5, rtol=1e-4, msg=lambda m: f"layer {i + 1}: {m}")
+        assert_same_math(b, a, msg=f"layer {i + 1}")
 
 
 @pytest.mark.parametrize("conv2d", [False, True], ids=["conv1d", "conv2d"])
@@ -81,23 +95,23 @@ def test_exports_match_ours_in_every_layer(tmp_path, arch, conv2d, capsys):
     assert hf_model.config.do_stable_layer_norm == (arch != "post_ln")
     assert hf_model.config.feat_extract_norm == ("layer" if arch == "pre_ln" else "group")
 
-    waveforms, attention_mask = padded_batch()
+    waveforms, attention_mask = padded_batch64()
+    source64, ta64, hf64 = float64(source, ta_model, hf_model)
     with torch.no_grad():
-        ours, frames = source.wav2vec2.extract_features(waveforms, LENGTHS)
-        ta_layers, ta_frames = ta_model.extract_features(waveforms, LENGTHS)
-        hf_out = hf_model(waveforms, attention_mask=attention_mask, output_hidden_states=True)
+        ours, frames = source64.wav2vec2.extract_features(waveforms, LENGTHS)
+        ta_layers, ta_frames = ta64.extract_features(waveforms, LENGTHS)
+        hf_out = hf64(waveforms, attention_mask=attention_mask, output_hidden_states=True)
         assert torch.equal(ta_frames, frames)
         assert_layers_close(ours, ta_layers)
         assert_layers_close(ours, hf_out.hidden_states[1:])
-        torch.testing.assert_close(hf_out.last_hidden_state, source.wav2vec2(waveforms, LENGTHS)[0],
-                                   atol=1e-5, rtol=0)
+        assert_same_math(hf_out.last_hidden_state, source64.wav2vec2(waveforms, LENGTHS)[0])
         # No padding information at all: the zeros are signal for both.
-        unmasked = hf_model(waveforms, output_hidden_states=True).hidden_states[1:]
-        assert_layers_close(source.wav2vec2.extract_features(waveforms)[0], unmasked)
+        unmasked = hf64(waveforms, output_hidden_states=True).hidden_states[1:]
+        assert_layers_close(source64.wav2vec2.extract_features(waveforms)[0], unmasked)
         # The padded clip against the same clip alone: equal only with a per-frame (layer-norm) extractor.
-        alone = hf_model(waveforms[1:, :LENGTHS[1]]).last_hidden_state[0]
+        alone = hf64(waveforms[1:, :LENGTHS[1]]).last_hidden_state[0]
         gap = (alone - hf_out.last_hidden_state[1, :frames[1]]).abs().max().item()
-        assert gap < 1e-5 if arch == "pre_ln" else gap > 1e-2
+        assert gap < 1e-12 if arch == "pre_ln" else gap > 1e-2
 
     head = torch.load(tmp_path / "hf" / "hubert_pretraining_head.pt", weights_only=True)
     expected = {k: v for k, v in source.state_dict().items() if k.startswith("logit_generator.")}
@@ -197,11 +211,13 @@ def test_finetuned_export_is_a_hubert_for_ctc_with_its_processor(tmp_path, use_c
     inputs = processor([w[:n].numpy() for w, n in zip(waveforms, LENGTHS)], sampling_rate=16000,
                        return_tensors="pt", padding=True)
     assert torch.equal(inputs.input_values, waveforms) and torch.equal(inputs.attention_mask, attention_mask)
+    ours, hf_model, ta_model = float64(ours, hf_model, ta_model)
+    waveforms = waveforms.double()
     with torch.no_grad():
         logits, frames = ours(waveforms, LENGTHS)
-        hf_logits = hf_model(**inputs).logits
-        torch.testing.assert_close(hf_logits, logits, atol=1e-4, rtol=0)
-        torch.testing.assert_close(ta_model(waveforms, LENGTHS)[0], logits, atol=1e-5, rtol=0)
+        hf_logits = hf_model(input_values=waveforms, attention_mask=inputs.attention_mask).logits
+        assert_same_math(hf_logits, logits)
+        assert_same_math(ta_model(waveforms, LENGTHS)[0], logits)
     ids = hf_logits.argmax(-1)
     for i in range(len(ids)):  # HF's tokenizer merges repeats, drops the pad (blank) and reads | as a space
         text = processor.decode(ids[i, :frames[i]])

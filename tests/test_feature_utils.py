@@ -8,6 +8,7 @@ import torch
 import torchaudio
 
 from model import hubert_pretrain_tiny
+from tests.numerics import assert_fp32_close
 from tests.test_common_utils import tone
 from utils.feature_shards import load_shard, shard_paths
 from utils.feature_utils import (dump_features, hubert_extractor, load_audio, mfcc_extractor, read_shards,
@@ -71,6 +72,7 @@ def test_mfcc_equals_torchaudio_and_has_100hz_frames():
     assert extractor.dim == 39
 
 
+@pytest.mark.numerics
 def test_hubert_layer_features_in_eval_mode_from_a_conv2d_checkpoint(tmp_path):
     model = save_checkpoint(tmp_path / "conv2d.ckpt", use_conv2d=True)
     extractor = hubert_extractor(tmp_path / "conv2d.ckpt", 3, "cpu")
@@ -80,7 +82,7 @@ def test_hubert_layer_features_in_eval_mode_from_a_conv2d_checkpoint(tmp_path):
     model.eval()  # dropout off: the features are the layer output, the same on every call
     with torch.no_grad():
         expected = model.wav2vec2.extract_features(waveform[None], num_layers=3)[0][-1][0]
-    torch.testing.assert_close(feature, expected, atol=1e-5, rtol=0)
+    assert_fp32_close(feature, expected)  # the extractor's fp32 run against the model alone
     assert torch.equal(extractor.extract(waveform), feature)
     for num_samples in (400, 719, 720, 1039, 1040, 12345):  # frame counts known before extraction
         assert extractor.frames(num_samples) == len(extractor.extract(waveform[:num_samples]))
@@ -91,7 +93,7 @@ def test_hubert_layer_features_in_eval_mode_from_a_conv2d_checkpoint(tmp_path):
     transformer_input = hubert_extractor(tmp_path / "conv2d.ckpt", 0, "cpu")  # --layer-index 0
     with torch.no_grad():
         expected = model.wav2vec2.extract_features(waveform[None], num_layers=0)[0][0][0]
-    torch.testing.assert_close(transformer_input.extract(waveform), expected, atol=1e-5, rtol=0)
+    assert_fp32_close(transformer_input.extract(waveform), expected)
     assert not torch.allclose(expected, feature) and "layer 0" in transformer_input.description
 
 

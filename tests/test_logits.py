@@ -3,7 +3,10 @@ import pytest
 import torch
 from torchaudio.models.wav2vec2.components import _compute_logits as ta_compute_logits
 
-from model.logits import compute_logits
+from model.logits import LOGIT_TEMP, compute_logits
+from tests.numerics import assert_fp32_close, assert_same_math
+
+pytestmark = pytest.mark.numerics  # run again under ATEN_CPU_CAPABILITY=default by make test
 
 
 @pytest.mark.parametrize("num_classes", [1, 7, 100, 500, 501])
@@ -18,9 +21,16 @@ def test_logits_match_torchaudio(num_classes, split_logits):
     assert got.shape == (64, num_classes + 1)
     assert torch.equal(torch.isinf(got), torch.isinf(expected))
     finite = torch.isfinite(expected)
-    torch.testing.assert_close(got[finite], expected[finite], atol=1e-5, rtol=0)
+    # Both fp32 by design (upstream's .float()), by different kernels: cosine rounding on the 1 / LOGIT_TEMP scale.
+    assert_fp32_close(got[finite], expected[finite], scale=1 / LOGIT_TEMP)
     # The target's own column is -inf and column 0 holds its score.
     assert torch.isinf(got[torch.arange(64), target + 1]).all()
+    # A float64 model's logits stay float64 math (upstream would round them to fp32): the cosines exactly.
+    x64, emb64 = proj_x.double(), emb.double()
+    got64 = compute_logits(x64, target, emb64, split_logits=split_logits)
+    candidates = torch.cat([emb64[target][:, None], emb64[None].expand(64, -1, -1)], dim=1)  # target, then all
+    cosines = torch.cosine_similarity(x64[:, None, :], candidates, dim=-1) / LOGIT_TEMP
+    assert_same_math(got64[finite], cosines[finite])
 
 
 def test_duplicate_label_embeddings_are_all_excluded():
@@ -58,4 +68,4 @@ def test_gradients_match_torchaudio():
         loss = torch.nn.functional.cross_entropy(logits, torch.zeros(32, dtype=torch.long))
         grads.append(torch.autograd.grad(loss, (proj_x, emb)))
     for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        assert_fp32_close(a, b)

@@ -6,17 +6,20 @@ import torch
 
 from loss import compute_accuracy, compute_accuracy_static, hubert_loss, hubert_loss_static
 from model import hubert_pretrain_model
+from tests.numerics import assert_same_math
 from tests.test_model import SMALL, make_batch
+
+pytestmark = pytest.mark.numerics  # run again under ATEN_CPU_CAPABILITY=default by make test
 
 
 @pytest.fixture(scope="module")
 def outputs():
-    """Dynamic and static outputs of one model on one batch (same seed, so same masks)."""
-    dynamic = hubert_pretrain_model(**SMALL, all_deterministic=True)
+    """Dynamic and static outputs of one float64 model on one batch (same seed, so same masks)."""
+    dynamic = hubert_pretrain_model(**SMALL, all_deterministic=True).double()
     static = hubert_pretrain_model(**SMALL, all_deterministic=True, static_logit_generator=True,
-                                   static_indexing=True, static_layerdrop=True)
+                                   static_indexing=True, static_layerdrop=True).double()
     static.load_state_dict(dynamic.state_dict())
-    batch = make_batch(20)
+    batch = make_batch(20, dtype=torch.float64)
     torch.manual_seed(0)
     dyn = dynamic(*batch)
     torch.manual_seed(0)
@@ -29,7 +32,7 @@ def test_static_loss_equals_dynamic(outputs, reduction, unmasked_weight):
     (logit_m, logit_u, pen), (logits, mask_m, mask_u, pen_s) = outputs
     expected = hubert_loss(logit_m, logit_u, pen, unmasked_weight=unmasked_weight, reduction=reduction)
     got = hubert_loss_static(logits, mask_m, mask_u, pen_s, unmasked_weight=unmasked_weight, reduction=reduction)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    assert_same_math(got, expected)
 
 
 def test_static_accuracy_equals_dynamic(outputs):

@@ -1,4 +1,7 @@
-"""Our HuBERT against torchaudio 2.11's: same weights in, same numbers out (fp32, 1e-5)."""
+"""Our HuBERT against torchaudio 2.11's: same weights in, same numbers out (compared in float64; see
+tests/numerics.py)."""
+import copy
+
 import pytest
 import torch
 import torchaudio
@@ -7,6 +10,10 @@ from torchaudio.models.wav2vec2 import model as ta_model_module
 import model.hubert as our_hubert
 from model import (convert_conv_layout, hubert_pretrain_base, hubert_pretrain_large, hubert_pretrain_model,
                    hubert_pretrain_tiny, hubert_pretrain_xlarge)
+from model.logits import LOGIT_TEMP
+from tests.numerics import assert_fp32_close, assert_same_math
+
+pytestmark = pytest.mark.numerics  # run again under ATEN_CPU_CAPABILITY=default by make test
 
 HABANA_FLAGS = dict(use_conv2d=True, use_instancenorm=True, static_indexing=True, static_layerdrop=True,
                     static_logit_generator=True, split_logits=True, use_max_sub_softmax_opt=True)
@@ -25,20 +32,32 @@ SMALL = dict(
 )
 
 
-def assert_logits_close(ours, ref, atol=1e-5):
-    """Equal where finite, and ``-inf`` at the same places (the target's own class)."""
+def assert_logits_close(ours, ref, torchaudio_logits=True):
+    """Equal where finite, and ``-inf`` at the same places (the target's own class). Float64 models: ours
+    against ours is the same math; torchaudio computes its logits in fp32 whatever the model (``.float()``), so
+    against them the difference is their fp32 rounding of a cosine, on the logit scale ``1 / LOGIT_TEMP``."""
     assert ours.shape == ref.shape
     assert torch.equal(torch.isfinite(ours), torch.isfinite(ref))
     finite = torch.isfinite(ref)
-    torch.testing.assert_close(ours[finite], ref[finite], atol=atol, rtol=0)
+    if torchaudio_logits:
+        assert_fp32_close(ours[finite], ref[finite], scale=1 / LOGIT_TEMP)
+    else:
+        assert_same_math(ours[finite], ref[finite])
 
 
-def make_batch(num_classes, seed=0, n=32000):
+def make_batch(num_classes, seed=0, n=32000, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    waveforms = torch.randn(3, n, generator=g)
+    waveforms = torch.randn(3, n, generator=g).to(dtype)
     lengths = torch.tensor([n, n - 6000, n - 9999])
     labels = torch.randint(0, num_classes, (3, (n - 400) // 320 + 1), generator=g)
     return waveforms, labels, lengths
+
+
+def float64_pair(ref, build, **flags):
+    """Float64 copies of torchaudio's model and of ours built with ``flags`` and loaded with its weights."""
+    ours = build(**flags)
+    ours.load_state_dict(convert_conv_layout(ref.state_dict(), flags.get("use_conv2d", False)))
+    return copy.deepcopy(ref).double(), ours.double()
 
 
 def run_static(model, batch):
@@ -67,22 +86,9 @@ def assert_same_training_logits(ref, ours, batch):
         assert_logits_close(a, b)
 
 
-@pytest.mark.parametrize("flags", [{}, HABANA_FLAGS], ids=["default", "habana"])
-def test_eval_logits_and_features_match_torchaudio(reference, flags):
-    _, ref, build = reference
-    ours = build(**flags)
-    ours.load_state_dict(convert_conv_layout(ref.state_dict(), flags.get("use_conv2d", False)))
-    ref.eval(), ours.eval()
-    batch = make_batch(ref.logit_generator.label_embeddings.shape[0])
+def layer_features(ref, ours, batch):
+    """(ours, torchaudio's) inputs to the first transformer layer and outputs of the first two layers."""
     with torch.no_grad():
-        torch.manual_seed(3)
-        expected = ref(*batch)
-        torch.manual_seed(3)
-        got = run_static(ours, batch) if flags else ours(*batch)
-        assert_logits_close(got[0], expected[0])
-        assert_logits_close(got[1], expected[1])
-        torch.testing.assert_close(got[2], expected[2], atol=1e-6, rtol=1e-5)
-
         feats_ref, len_ref = ref.wav2vec2.extract_features(batch[0], batch[2], num_layers=2)
         feats, lens = ours.wav2vec2.extract_features(batch[0], batch[2], num_layers=2)
         # layer 0 (torchaudio refuses it): what torchaudio's first layer reads
@@ -90,10 +96,46 @@ def test_eval_logits_and_features_match_torchaudio(reference, flags):
         input_ref = ref.wav2vec2.encoder.transformer._preprocess(x)
         (input_ours,), _ = ours.wav2vec2.extract_features(batch[0], batch[2], num_layers=0)
     assert torch.equal(lens, len_ref) and len(feats) == len(feats_ref) == 2
-    for a, b in zip([input_ours, *feats], [input_ref, *feats_ref]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    return [input_ours, *feats], [input_ref, *feats_ref]
+
+
+@pytest.mark.parametrize("flags", [{}, HABANA_FLAGS], ids=["default", "habana"])
+def test_eval_logits_and_features_match_torchaudio(reference, flags):
+    _, ref, build = reference
+    ref, ours = float64_pair(ref, build, **flags)
+    ref.eval(), ours.eval()
+    batch = make_batch(ref.logit_generator.label_embeddings.shape[0], dtype=torch.float64)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        expected = ref(*batch)
+        torch.manual_seed(3)
+        got = run_static(ours, batch) if flags else ours(*batch)
+    assert_logits_close(got[0], expected[0])
+    assert_logits_close(got[1], expected[1])
+    assert_fp32_close(got[2], expected[2])  # torchaudio's feature penalty is fp32 too
+    for i, (a, b) in enumerate(zip(*layer_features(ref, ours, batch))):
+        assert_same_math(a, b, msg=f"layer {i}")
     with pytest.raises(ValueError, match="between"):
         ours.wav2vec2.extract_features(batch[0], batch[2], num_layers=-1)
+
+
+def test_the_float64_comparison_sees_one_fp32_ulp_in_one_weight():
+    """What the tight float64 tolerance buys: moving one weight of one layer by one fp32 ulp fails it (the
+    fp32 comparison at atol 1e-5 it replaced let that through, and failed on some CPUs without any change)."""
+    torch.manual_seed(0)
+    ref, ours = float64_pair(torchaudio.models.hubert_pretrain_model(**SMALL),
+                             lambda **f: hubert_pretrain_model(**SMALL, **f))
+    ref.eval(), ours.eval()
+    batch = make_batch(20, dtype=torch.float64)
+    weight = ours.wav2vec2.encoder.transformer.layers[1].feed_forward.output_dense.weight
+    with torch.no_grad():
+        weight[0, 0] = torch.nextafter(weight[0, 0].float(), torch.tensor(float("inf"))).double()
+    (*same, changed), (*expected, reference) = layer_features(ref, ours, batch)
+    for a, b in zip(same, expected):  # the input and layer 1 do not read that weight
+        assert_same_math(a, b)
+    with pytest.raises(AssertionError, match="not close"):
+        assert_same_math(changed, reference)
+    assert_fp32_close(changed.float(), reference.float())  # a fp32 tolerance could not have told
 
 
 def test_same_seed_same_init_as_torchaudio(reference):
@@ -110,9 +152,9 @@ def test_same_seed_same_init_as_torchaudio(reference):
 def test_training_forward_matches_torchaudio_draw_for_draw(reference):
     """Training mode with dropout and layer drop on: masks, dropout and layer-drop draws all line up."""
     _, ref, build = reference
-    ours = build()
-    ours.load_state_dict(ref.state_dict())
-    assert_same_training_logits(ref, ours, make_batch(ref.logit_generator.label_embeddings.shape[0], seed=1))
+    ref, ours = float64_pair(ref, build)
+    num_classes = ref.logit_generator.label_embeddings.shape[0]
+    assert_same_training_logits(ref, ours, make_batch(num_classes, seed=1, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("ours_flags", [{}, {"no_layerdrop": True}], ids=["layer_drop_0", "no_layerdrop"])
@@ -122,9 +164,9 @@ def test_without_layer_drop_the_draws_still_match_torchaudio(ours_flags):
     config = {**SMALL, "encoder_layer_drop": 0.0}
     torch.manual_seed(0)
     ref = torchaudio.models.hubert_pretrain_model(**config)
-    ours = hubert_pretrain_model(**{**config, "encoder_layer_drop": 0.05} if ours_flags else config, **ours_flags)
-    ours.load_state_dict(ref.state_dict())
-    assert_same_training_logits(ref, ours, make_batch(20, seed=1))
+    ref, ours = float64_pair(ref, lambda: hubert_pretrain_model(
+        **{**config, "encoder_layer_drop": 0.05} if ours_flags else config, **ours_flags))
+    assert_same_training_logits(ref, ours, make_batch(20, seed=1, dtype=torch.float64))
 
 
 def test_mask_generator_same_masks_as_torchaudio():
@@ -149,7 +191,8 @@ def test_static_layerdrop_same_outputs_and_gradients_as_dynamic():
     dynamic = hubert_pretrain_model(**config, all_deterministic=True)
     static = hubert_pretrain_model(**config, all_deterministic=True, static_layerdrop=True, static_indexing=True)
     static.load_state_dict(dynamic.state_dict())
-    batch = make_batch(20, seed=2)
+    dynamic.double(), static.double()
+    batch = make_batch(20, seed=2, dtype=torch.float64)
     outputs, grads = [], []
     for model in (dynamic, static):
         torch.manual_seed(4)
@@ -159,11 +202,11 @@ def test_static_layerdrop_same_outputs_and_gradients_as_dynamic():
         outputs.append((logit_m, logit_u))
         grads.append({n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()})
     for a, b in zip(*outputs):
-        assert_logits_close(a, b, atol=1e-6)
+        assert_logits_close(a, b, torchaudio_logits=False)
     dropped = [n for n, p in dynamic.named_parameters() if p.grad is None]
     assert dropped, "seed 4 should drop at least one layer, or the test proves nothing"
     for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+        assert_same_math(grads[1][name], grads[0][name], msg=name)
 
 
 def test_label_length_mismatch_is_a_clear_error():

@@ -63,7 +63,8 @@ def plot_curves(runs: Dict[str, Series], png, title: str = "HuBERT pre-training"
     for ax, (panel_title, ylabel, _) in zip(axes, panels):
         ax.set(xlabel="update", ylabel=ylabel, title=panel_title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a panel none of the runs logged stays without a legend
+            ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     png = Path(png)

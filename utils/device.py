@@ -103,10 +103,22 @@ class Precision:
         return "bf16 autocast" + (", TF32 matmuls for the fp32 rest" if self.tf32 else "")
 
 
-def fast_cpu_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX): there bf16 autocast makes a tiny-model
-    training step ~1.3x faster (bench/tiny_speed.py); without it bf16 is emulated, so the tiny recipe keeps fp32."""
+def _amx() -> bool:
     return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def _cpu_bf16_attention_breaks() -> bool:
+    """torch's bf16 attention packs its operands for AMX whenever the CPU has AMX, with kernels that exist only
+    at ATEN_CPU_CAPABILITY avx512: with the capability lowered (``default``, ``avx2``) every bf16 SDPA call
+    raises "pack_vnni2 is only supported when avx512 is supported" (torch 2.11)."""
+    return _amx() and not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def fast_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX) and torch uses it: there bf16 autocast
+    makes a tiny-model training step ~1.3x faster (bench/tiny_speed.py); without it bf16 is emulated, so the
+    tiny recipe keeps fp32."""
+    return _amx() and not _cpu_bf16_attention_breaks()
 
 
 def resolve_precision(choice: str, accelerator: str, autocast: bool) -> Precision:
@@ -120,6 +132,10 @@ def resolve_precision(choice: str, accelerator: str, autocast: bool) -> Precisio
     if choice == "auto":
         choice = "bf16" if accelerator == "gpu" or autocast else "fp32"
     bf16 = choice == "bf16"
+    if bf16 and accelerator == "cpu" and _cpu_bf16_attention_breaks():
+        raise ValueError(f"bf16 autocast on this AMX CPU needs torch's AVX-512 kernels, but ATEN_CPU_CAPABILITY="
+                         f"{os.environ.get('ATEN_CPU_CAPABILITY')} lowers them to "
+                         f"{torch.backends.cpu.get_cpu_capability()}: unset it, or train in fp32")
     return Precision(autocast=bf16, tf32=bf16 and accelerator == "gpu")
 
 
