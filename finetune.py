@@ -26,9 +26,9 @@ import train
 from dataset import find_subset, librilight_folders
 from lightning_finetune import HuBERTFineTuneModule
 from model import FACTORIES, infer_arch
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import exit_if_done, load_checkpoint
 from utils.ctc import VOCAB, read_vocab
-from utils.callbacks import CheckpointKeeper, TrainStatCallback
+from utils.callbacks import CheckpointKeeper, TrainStatCallback, progress_bars
 from utils.device import PRECISIONS, configure_process, resolve_precision, set_hpu_autocast_lists
 from utils.launch import default_num_nodes
 from utils.loggers import run_loggers
@@ -155,9 +155,11 @@ def build(args):
     for path in (args.checkpoint, args.resume_checkpoint):
         if path is not None:
             try:  # fail now, naming the file, rather than deep inside Lightning
-                load_checkpoint(path)
+                loaded = load_checkpoint(path)
             except (OSError, ValueError) as e:
                 raise SystemExit(f"finetune.py: error: {e}")
+            if path == args.resume_checkpoint:
+                exit_if_done(path, loaded, args.max_updates)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO)
     device = train.accelerator_name(args)
     precision = resolve_precision(args.precision, device, args.autocast)
@@ -188,7 +190,7 @@ def build(args):
     accelerator, devices, strategy = accelerator_and_strategy(args, num_nodes)
     configure_process(precision, device)
     ckpt_dir = args.exp_dir / f"checkpoints_{model_name_of(args, module)}"
-    callbacks = [CheckpointKeeper(ckpt_dir, args.save_top_k), FineTuneStatCallback(1)]
+    callbacks = [CheckpointKeeper(ckpt_dir, args.save_top_k), FineTuneStatCallback(1), *progress_bars()]
     loggers = run_loggers(args.exp_dir)
     trainer = pl.Trainer(
         default_root_dir=args.exp_dir, max_steps=args.max_updates, num_nodes=num_nodes, accelerator=accelerator,

@@ -11,7 +11,7 @@ from dataset import (BucketizeBatchSampler, DistributedBatchSampler, Transcribed
                      collate_ctc, list_utterances)
 from model import FACTORIES
 from model.components import get_padding_mask
-from utils.checkpoint import load_pretrained_model, predates_resumable_data
+from utils.checkpoint import load_pretrained_model, predates_resumable_data, rewind_finished_epoch
 from utils.ctc import VOCAB, ErrorCounts, greedy_decode, ids_to_text
 from utils.device import clip_grad_norm, make_optimizer
 from utils.lr_schedule import TriStageLRScheduler
@@ -213,3 +213,4 @@ class HuBERTFineTuneModule(pl.LightningModule):
             raise ValueError(f"the checkpoint was fine-tuned on the vocabulary {saved}, not on this run's {ours} "
                              "(--vocab)")
         self._resume_without_data_position = predates_resumable_data(checkpoint)
+        rewind_finished_epoch(checkpoint)  # before Lightning restores its loops from it

@@ -18,8 +18,8 @@ from pytorch_lightning.utilities import rank_zero_info
 from dataset import BucketAligner, bucket_boundaries
 from lightning import MAX_LEN, MIN_LEN, SAMPLE_RATE, HuBERTPreTrainModule, checkpoint_dir
 from model import FACTORIES
-from utils.callbacks import CheckpointKeeper, TrainStatCallback
-from utils.checkpoint import load_checkpoint
+from utils.callbacks import CheckpointKeeper, TrainStatCallback, progress_bars
+from utils.checkpoint import exit_if_done, load_checkpoint
 from utils.device import (PRECISIONS, check_devices, configure_process, fast_cpu_bf16, hpu_accelerator_and_strategy,
                           resolve_precision, set_hpu_autocast_lists)
 from utils.launch import default_num_nodes, launched_processes
@@ -227,9 +227,10 @@ def build(args):
     """The Trainer and the LightningModule for these arguments (nothing runs yet)."""
     if args.resume_checkpoint is not None:
         try:  # fail now, naming the file, rather than deep inside Lightning
-            load_checkpoint(args.resume_checkpoint)
+            resumed = load_checkpoint(args.resume_checkpoint)
         except (OSError, ValueError) as e:
             raise SystemExit(f"train.py: error: --resume-checkpoint: {e}")
+        exit_if_done(args.resume_checkpoint, resumed, args.max_updates)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO)
     precision = resolve_precision(args.precision, accelerator_name(args), args.use_autocast)
     if precision.autocast and args.hpus > -1:  # before anything imports habana_frameworks
@@ -242,7 +243,7 @@ def build(args):
     rank_zero_info(f"precision: {precision.describe(accelerator_name(args))} "
                    f"({devices} {accelerator_name(args).upper()} x {num_nodes} node(s))")
     ckpt_dir = checkpoint_dir(args.exp_dir, args.dataset, args.model_name)
-    callbacks = [CheckpointKeeper(ckpt_dir, args.save_top_k), TrainStatCallback(args.skip_steps)]
+    callbacks = [CheckpointKeeper(ckpt_dir, args.save_top_k), TrainStatCallback(args.skip_steps), *progress_bars()]
     loggers = run_loggers(args.exp_dir)
     trainer = pl.Trainer(
         default_root_dir=args.exp_dir, max_steps=args.max_updates, num_nodes=num_nodes,

@@ -16,7 +16,8 @@ from utils.feature_utils import load_audio
 
 
 def read_rows(path):
-    return list(csv.DictReader(open(path), delimiter="\t"))
+    with open(path) as f:
+        return list(csv.DictReader(f, delimiter="\t"))
 
 
 @pytest.mark.parametrize("use_conv2d", [False, True], ids=["conv1d", "conv2d"])

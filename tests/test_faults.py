@@ -21,14 +21,16 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 def run_until(cmd, ready, timeout=300):
     """Start ``cmd``, SIGKILL it as soon as ``ready()`` is true; fail if it finished first."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + timeout
-    while not ready():
-        assert proc.poll() is None, f"finished before it could be killed: {proc.stderr.read()[-2000:]}"
-        assert time.monotonic() < deadline, "never reached the point to kill it"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    with subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
+        try:
+            deadline = time.monotonic() + timeout
+            while not ready():
+                assert proc.poll() is None, f"finished before it could be killed: {proc.stderr.read()[-2000:]}"
+                assert time.monotonic() < deadline, "never reached the point to kill it"
+                time.sleep(0.02)
+        finally:
+            proc.kill()  # SIGKILL; nothing if it has finished
+            proc.wait()
     assert proc.returncode == -signal.SIGKILL
 
 

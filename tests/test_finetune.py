@@ -48,7 +48,8 @@ def args_for(corpus, pretrained, exp, *extra):
 
 
 def metrics(exp: Path):
-    return list(csv.DictReader(open(next(exp.glob("lightning_logs/version_*/metrics.csv")))))
+    with open(next(exp.glob("lightning_logs/version_*/metrics.csv"))) as f:
+        return list(csv.DictReader(f))
 
 
 def last_ckpt(exp: Path) -> Path:
@@ -87,6 +88,34 @@ def test_finetune_learns_to_read_the_tones(corpus, pretrained, tmp_path, capsys)
     assert not torch.equal(ckpt["state_dict"][layer], source[layer])
     encoder, vocab = load_finetuned_model(last_ckpt(tmp_path / "exp"))
     assert encoder.aux.out_features == len(vocab) == 29
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("stop", ["mid_epoch", "epoch_end"])
+def test_a_finished_run_extended_ends_with_the_uninterrupted_weights(corpus, pretrained, tmp_path, capsys, stop):
+    """A run that reached --max-updates, resumed from its last.ckpt with a larger one, ends bit for bit where a
+    run planned that long does (the tri-stage LR does not depend on --max-updates). Lightning had counted the
+    epoch it stopped in as done: the resume stopped mid-epoch, or skipped an epoch's data at an epoch's end.
+    The same --max-updates again: "already done", exit 0."""
+    common = ["--freeze-encoder-updates", "3", "--seconds-per-batch", "4", "--mask-prob", "0.65",
+              "--encoder-layer-drop", "0.5", "--val-check-interval", "3"]
+    finetune.main(args_for(corpus, pretrained, tmp_path / "straight", *common, "--max-updates", "8"))
+    straight = load_checkpoint(last_ckpt(tmp_path / "straight"))
+    epoch = straight["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["layout"]["micro_batches"]
+    first = {"mid_epoch": 2, "epoch_end": epoch}[stop]
+    assert first < 8 and (first < epoch) == (stop == "mid_epoch")
+    finetune.main(args_for(corpus, pretrained, tmp_path / "run", *common, "--max-updates", str(first)))
+    last = last_ckpt(tmp_path / "run")
+    with pytest.raises(SystemExit) as done:
+        finetune.main(args_for(corpus, pretrained, tmp_path / "run", *common, "--max-updates", str(first),
+                               "--resume-checkpoint", str(last)))
+    assert done.value.code == 0 and "the run is already done" in capsys.readouterr().out
+    trainer, _ = finetune.main(args_for(corpus, pretrained, tmp_path / "run", *common, "--max-updates", "8",
+                                        "--resume-checkpoint", str(last)))
+    assert trainer.global_step == 8
+    extended = load_checkpoint(last_ckpt(tmp_path / "run"))
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(extended["state_dict"][key], value), key
 
 
 @pytest.mark.numerics

@@ -1,6 +1,7 @@
 """utils/loggers.py through train.py's real Trainer: one version folder per run for TensorBoard and CSV, no
-false "will be deleted" warning, no advertisement."""
+false "will be deleted" warning, no advertisement (and utils.callbacks.UpdateProgressBar: no "Epoch 0/-2")."""
 import logging
+import re
 import warnings
 
 import train
@@ -8,7 +9,7 @@ from tests.fixtures import make_prepared_dataset
 from tests.test_train import args_for
 
 
-def test_each_run_logs_to_a_new_version_folder_without_false_warnings(tmp_path, caplog):
+def test_each_run_logs_to_a_new_version_folder_without_false_warnings(tmp_path, caplog, capsys):
     data = make_prepared_dataset(tmp_path / "data", n_train=4, n_valid=1)
     exp = tmp_path / "exp"
     common = ["--max-updates", "4", "--warmup-updates", "1", "--seconds-per-batch", "16", "--val-check-interval", "2"]
@@ -21,6 +22,8 @@ def test_each_run_logs_to_a_new_version_folder_without_false_warnings(tmp_path, 
         ckpt = next(exp.glob("checkpoints_*/epoch=*-step=2.ckpt"))
         train.main(args_for(data, exp, *common, "--resume-checkpoint", str(ckpt)))
     said = [str(w.message) for w in seen] + [r.getMessage() for r in caplog.records]
+    printed = capsys.readouterr().out
+    assert re.search(r"Epoch \d+ +━", printed) and "/-2" not in printed  # was "Epoch 3/-2": no last epoch
     assert not [m for m in said if "will be deleted" in m or "Tip:" in m or "litlogger" in m], said
     assert sorted(p.name for p in (exp / "lightning_logs").iterdir()) == ["version_0", "version_1"]
     for version in ("version_0", "version_1"):

@@ -31,6 +31,29 @@ def test_state_round_trip_resumes_the_schedule():
     assert opt.param_groups[0]["lr"] == pytest.approx(full[6])
 
 
+@pytest.mark.parametrize("make", [lambda opt, end: LinearDecayLRScheduler(opt, 2, end),
+                                  lambda opt, end: TriStageLRScheduler(opt, 2, 1, end - 3)], ids=["linear", "tri_stage"])
+def test_a_resumed_schedule_takes_its_stage_lengths_from_the_new_run(make):
+    """Extending a finished run (--max-updates 6 -> 10): the update count comes from the checkpoint, the schedule
+    from the new flags, and the next update's LR is the new schedule's (the optimizer's restored one was 0)."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    short = make(opt, 6)
+    for _ in range(6):
+        opt.step()
+        short.step()
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    opt.load_state_dict({**opt.state_dict(), "param_groups": [{**opt.param_groups[0], "lr": 0.0}]})
+    extended = make(opt, 10)
+    extended.load_state_dict(short.state_dict())
+    planned_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    planned = make(planned_opt, 10)
+    for _ in range(6):
+        planned_opt.step()
+        planned.step()
+    assert opt.param_groups[0]["lr"] == planned_opt.param_groups[0]["lr"] > 0
+    assert extended.state_dict() == planned.state_dict()
+
+
 def test_bad_arguments():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match="warmup_updates"):

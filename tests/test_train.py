@@ -29,7 +29,8 @@ def args_for(data, exp, *extra, feature_type="mfcc", num_classes=10):
 
 
 def metrics(exp: Path):
-    rows = list(csv.DictReader(open(next(exp.glob("lightning_logs/version_*/metrics.csv")))))
+    with open(next(exp.glob("lightning_logs/version_*/metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
     return rows
 
 
@@ -250,6 +251,41 @@ def test_datasets_built_once_epochs_reshuffled_and_checkpoints_written_once(data
     keeper = final["callbacks"]["CheckpointKeeper"]
     assert {name for ranked in keeper["best"].values() for _, name in ranked} | {keeper["newest"]} == set(files) - {
         "last.ckpt"}
+
+
+def lr_by_step(exp: Path) -> dict:
+    return {int(r["step"]): float(r["lr"]) for r in metrics(exp) if r.get("lr")}
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("stop", [2, 3], ids=["mid_epoch", "epoch_end"])
+def test_a_finished_run_extends_exactly(data, tmp_path, capsys, stop):
+    """The final checkpoint of a run that reached --max-updates (last.ckpt) resumes with a larger --max-updates
+    exactly as the checkpoint validation wrote at the same update does (and that one as an uninterrupted run:
+    the tests above). Lightning had already counted the epoch it stopped in as done: the resume stopped with
+    "the data would not resume exactly" (mid-epoch), or skipped the next epoch's data (at an epoch's end). The
+    LR then decays to the new --max-updates (it stayed 0, the old schedule's end). Not the uninterrupted run's
+    weights: the first run's LR had decayed to its own end."""
+    common = ["--warmup-updates", "1", "--seconds-per-batch", "16", "--val-check-interval", str(stop)]
+    train.main(args_for(data, tmp_path / "short", *common, "--max-updates", str(stop)))
+    ckpts = tmp_path / "short" / "checkpoints_librispeech_hubert_pretrain_tiny"
+    final = load_checkpoint(ckpts / "last.ckpt")
+    assert final["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["layout"]["micro_batches"] == 3
+    assert (ckpts / "last.ckpt").resolve().name == f"epoch=1-step={stop}.ckpt"  # written as training stopped
+    with pytest.raises(SystemExit) as done:  # the same --max-updates: nothing to do
+        train.main(args_for(data, tmp_path / "short", *common, "--max-updates", str(stop),
+                            "--resume-checkpoint", str(ckpts / "last.ckpt")))
+    assert done.value.code == 0 and "the run is already done" in capsys.readouterr().out
+    for name, ckpt in (("from_validation", f"epoch=0-step={stop}.ckpt"), ("from_last", "last.ckpt")):
+        trainer, _ = train.main(args_for(data, tmp_path / name, *common, "--max-updates", "6",
+                                         "--resume-checkpoint", str(ckpts / ckpt)))
+        assert trainer.global_step == 6
+    extended, reference = (load_checkpoint(last_ckpt(tmp_path / d)) for d in ("from_last", "from_validation"))
+    for key, value in reference["state_dict"].items():
+        assert torch.equal(extended["state_dict"][key], value), key
+    train.main(args_for(data, tmp_path / "straight", *common, "--max-updates", "6"))
+    planned = lr_by_step(tmp_path / "straight")
+    assert {s: lr for s, lr in planned.items() if s >= stop} == lr_by_step(tmp_path / "from_last")
 
 
 @pytest.mark.parametrize("interval, step", [(2, 2), (3, 3)], ids=["mid_epoch", "epoch_end"])

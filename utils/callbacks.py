@@ -1,4 +1,5 @@
-"""Lightning callbacks of train.py: which checkpoints stay on disk, and the timing summary."""
+"""Lightning callbacks of train.py and finetune.py: which checkpoints stay on disk, the timing summary, the
+progress bar."""
 import math
 import os
 import shutil
@@ -7,6 +8,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import RichProgressBar
+from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
 
 
 class CheckpointKeeper(pl.Callback):
@@ -151,3 +154,16 @@ class TrainStatCallback(pl.Callback):
               f"val_loss {m.get('val_loss', float('nan')):.3f}, "
               f"val masked accuracy {m.get('val_masked_accuracy', float('nan')):.3f}, "
               f"skipped updates {pl_module.skipped_steps}")
+
+
+class UpdateProgressBar(RichProgressBar):
+    """Lightning's rich bar, without its "Epoch 0/-2": a run bounded by --max-updates has no last epoch, which
+    Lightning writes as max_epochs -1."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"Epoch {current_epoch}".ljust(len(self.validation_description))
+
+
+def progress_bars() -> list:
+    """Ours where Lightning would show its rich bar; elsewhere its tqdm bar, which shows no last epoch."""
+    return [UpdateProgressBar()] if _RICH_AVAILABLE else []

@@ -100,6 +100,39 @@ def load_finetuned_model(path, map_location="cpu") -> Tuple[Wav2Vec2Model, Tuple
     return model.wav2vec2, vocab
 
 
+def exit_if_done(path, checkpoint: dict, max_updates: int) -> None:
+    """Resuming a run that already reached ``--max-updates`` says so and exits 0 (Lightning would start, stop
+    at once and write one more checkpoint)."""
+    step = checkpoint.get("global_step", 0)
+    if step >= max_updates:
+        print(f"{path} is at update {step} and --max-updates is {max_updates}: the run is already done "
+              "(a larger --max-updates extends it)")
+        raise SystemExit(0)
+
+
+def rewind_finished_epoch(checkpoint: dict) -> bool:
+    """A checkpoint written when training stopped at ``--max-updates``: Lightning has already counted the epoch
+    it stopped in as finished (its ``epoch_progress`` is one ahead of the epoch the train loader was in, and
+    ``_batches_that_stepped`` one ahead of a checkpoint written mid-run). Resumed as it is, a run extended with a
+    larger ``--max-updates`` stopped ("the data would not resume exactly"), or skipped the rest of the epoch
+    when it had ended with one. Put the loop state where a checkpoint written mid-run at the same update has
+    it, so the run continues its epoch exactly. Whether anything changed."""
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not fit_loop or predates_resumable_data(checkpoint):
+        return False
+    (loader,) = fit_loop["state_dict"]["combined_loader"]
+    epochs = fit_loop["epoch_progress"]
+    ahead = epochs["total"]["completed"] - loader["epoch"]
+    if ahead <= 0:
+        return False
+    for counter in ("total", "current"):
+        for field in ("processed", "completed"):
+            epochs[counter][field] = max(0, epochs[counter][field] - ahead)
+    fit_loop["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+    checkpoint["epoch"] = loader["epoch"]
+    return True
+
+
 def predates_resumable_data(checkpoint: dict) -> bool:
     """A Lightning checkpoint written before the train loader saved its position (its fit loop has no
     ``combined_loader`` state): resuming it mid-epoch cannot replay the epoch's remaining batches."""
