@@ -186,3 +186,13 @@ def test_audio_check_costs_every_check(capsys):
     assert list(rows) == ["header", "tail", "full"]
     assert 0 < rows["header"]["ms_per_file"] and rows["header"]["s_per_hour"] < rows["full"]["s_per_hour"]
     assert "CPU min at 960 h" in capsys.readouterr().out
+
+
+def test_fault_campaign_kills_and_reruns_preprocess(tmp_path, capsys):
+    from bench import fault_campaign
+
+    results = fault_campaign.main(["--out", str(tmp_path / "faults"), "--kills", "2", "--scripts", "preprocess_mfcc",
+                                   "--checks", "kill"])
+    trials = results["preprocess_mfcc"]
+    assert len(trials) == 2 and all(t["rerun_ok"] and t["identical"] and not t["leftovers"] for t in trials), trials
+    assert "| preprocess_mfcc |" in capsys.readouterr().out

@@ -50,6 +50,14 @@ def test_missing_truncated_and_foreign_files_name_the_file(tmp_path):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(ValueError, match="truncated.pt is truncated or not a PyTorch checkpoint"):
         load_checkpoint(truncated)
+    # 4 KiB overwritten inside the tensors: torch.load alone returns damaged weights without a word.
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4096] = bytes(4096)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(bytes(data))
+    assert isinstance(torch.load(corrupt, weights_only=True), dict)
+    with pytest.raises(ValueError, match=r"corrupt.pt is corrupt: .*data/\d+ does not match its CRC-32"):
+        load_checkpoint(corrupt)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weight": torch.zeros(3)}, foreign)
     with pytest.raises(ValueError, match="foreign.pt does not hold a HuBERT pre-training model"):

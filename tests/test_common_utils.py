@@ -4,6 +4,8 @@ Beware when writing tests here: upstream's rule is that a file is used if "train
 full path, and pytest's tmp_path contains the test name, so no test that builds a corpus in tmp_path may
 have "train" in its name.
 """
+import resource
+
 import numpy as np
 import pytest
 import soundfile
@@ -185,3 +187,20 @@ def test_atomic_write_leaves_nothing_when_interrupted(tmp_path):
     with atomic_write(target, "w") as f:
         f.write("new")
     assert target.read_text() == "new" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path):
+    """A file-size limit (RLIMIT_FSIZE) fails write() with EFBIG, as a full disk fails it with ENOSPC."""
+    target = tmp_path / "label_train.pt"
+    target.write_text("old")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, hard))
+    try:
+        with pytest.raises(OSError, match=r"File too large while writing: '.*label_train.pt'"):
+            with atomic_write(target) as f:
+                for _ in range(4):
+                    f.write(bytes(1 << 15))
+                    f.flush()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["label_train.pt"]

@@ -55,8 +55,13 @@ class CheckpointKeeper(pl.Callback):
             value = trainer.callback_metrics.get(monitor)
             if ranked and value is not None and math.isfinite(float(value)):
                 ranking[:] = sorted([*(r for r in ranking if r[1] != name), (float(value), name)])[:self.top_k]
-        self.newest = name
-        trainer.save_checkpoint(self.dirpath / name, weights_only=False)  # every rank takes part; rank 0 writes
+        previous, self.newest = self.newest, name
+        try:
+            trainer.save_checkpoint(self.dirpath / name, weights_only=False)  # every rank takes part; rank 0 writes
+        except OSError as e:  # a full disk: say which file, and that the last good one is still there
+            self.newest = previous
+            kept = f"; {self.last} still points at {previous}" if previous else ""
+            raise OSError(e.errno, f"could not write checkpoint {self.dirpath / name}: {e.strerror}{kept}") from e
         if trainer.is_global_zero:
             link(self.dirpath / name, self.last)
             for stale in before - self.kept() - {None}:

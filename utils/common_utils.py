@@ -29,13 +29,18 @@ class BadAudioError(ValueError):
 @contextmanager
 def atomic_write(path, mode: str = "wb"):
     """Open a temporary file beside ``path`` and move it onto ``path`` only once it is complete, so a
-    file under its final name is never half written (an interrupted run leaves at most a hidden .tmp)."""
+    file under its final name is never half written (an interrupted run leaves at most a hidden .tmp). A write
+    that fails (a full disk: ENOSPC, a file-size limit: EFBIG) names ``path``; what was there stays."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, mode) as f:
             yield f
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, f"{e.strerror} while writing", str(path)) from e
     finally:
         tmp.unlink(missing_ok=True)
 
