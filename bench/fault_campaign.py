@@ -183,7 +183,7 @@ def disk_full(args, cmds) -> list:
     failed = run(argv(cmd, out, resume=True), limit_bytes=1 << 20)  # checkpoints are ~65 MB, logs far less
     after = (out / CKPT_DIRS["train"] / "last.ckpt").resolve()
     intact = after == before and load_checkpoint(after)["global_step"] == 4
-    lines.append(("train.py checkpoint", failed.returncode != 0, intact, leftovers(out), last_line(failed.stderr)))
+    lines.append(("train.py checkpoint", failed.returncode != 0, intact, len(leftovers(out)), last_line(failed.stderr)))
 
     out = args.out / "disk_full" / "preprocess"
     shutil.rmtree(out, ignore_errors=True)
@@ -192,11 +192,12 @@ def disk_full(args, cmds) -> list:
     shard1 = {p.name: p.read_bytes() for p in feat.glob("*_1_4*")}
     failed = run(argv(cmds["preprocess_mfcc"], out), limit_bytes=64 << 10)
     intact = bool(shard1) and shard1 == {p.name: p.read_bytes() for p in feat.glob("*_1_4*")}
-    lines.append(("preprocess.py features", failed.returncode != 0, intact, leftovers(out), last_line(failed.stderr)))
+    lines.append(("preprocess.py features", failed.returncode != 0, intact, len(leftovers(out)),
+                  last_line(failed.stderr)))
     rerun = run(argv(cmds["preprocess_mfcc"], out))
     same_files = rerun.returncode == 0 and same(outputs("preprocess_mfcc", out),
                                                 outputs("preprocess_mfcc", args.out / "reference" / "preprocess_mfcc"))
-    lines.append(("preprocess.py re-run with space", rerun.returncode == 0, same_files, leftovers(out), ""))
+    lines.append(("preprocess.py re-run with space", rerun.returncode == 0, same_files, len(leftovers(out)), ""))
 
     # Labels: every shard's features and k-means are done; the joined label file is over the limit, the
     # per-shard parts are not.
@@ -211,8 +212,8 @@ def disk_full(args, cmds) -> list:
     rerun = run(argv(cmds["preprocess_mfcc"], out))
     same_files = rerun.returncode == 0 and same(outputs("preprocess_mfcc", out),
                                                 outputs("preprocess_mfcc", args.out / "reference" / "preprocess_mfcc"))
-    lines.append(("preprocess.py label file", failed.returncode != 0, bool(parts) and same_files, leftovers(out),
-                  last_line(failed.stderr)))
+    lines.append(("preprocess.py label file", failed.returncode != 0, bool(parts) and same_files,
+                  len(leftovers(out)), last_line(failed.stderr)))
     return lines
 
 
@@ -317,27 +318,22 @@ def main(argv_=None):
         print("| script | reference s | killed | re-run ok | identical | left temp files |")
         print("|---|---|---|---|---|---|")
         results = sigkill_campaign(args, {name: cmds[name] for name in args.scripts})
-    if "disk" in args.checks:
-        print("\n| disk full while writing | run failed | earlier output intact | left temp files | last line |")
-        print("|---|---|---|---|---|")
-        results["disk_full"] = disk_full(args, cmds)
-        for what, failed, intact, left, last in results["disk_full"]:
-            print(f"| {what} | {failed} | {intact} | {len(left)} | {last} |")
-    if "corrupt" in args.checks:
-        print("\n| --resume-checkpoint | exit code | names the file | last line |")
-        print("|---|---|---|---|")
-        results["bad_checkpoints"] = bad_checkpoints(args, cmds)
-        for what, code, named, last in results["bad_checkpoints"]:
-            print(f"| {what} | {code} | {named} | {last} |")
-    if "ddp" in args.checks:
-        print("\n| DDP, 2 gloo ranks, rank 1 SIGKILLed | exit code | seconds until all exited | last line |")
-        print("|---|---|---|---|")
-        results["ddp_kill"] = ddp_kill(args, cmds)
-        for launcher, code, seconds, last in results["ddp_kill"]:
-            print(f"| {launcher} | {code} | {seconds} | {last} |")
+    for check, (check_fn, header) in TABLES.items():
+        if check in args.checks:
+            results[check] = check_fn(args, cmds)
+            print(f"\n| {' | '.join(header)} |\n|{'---|' * len(header)}")
+            for line in results[check]:
+                print(f"| {' | '.join(map(str, line))} |")
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return results
 
+
+TABLES = {
+    "disk": (disk_full, ("disk full while writing", "run failed", "earlier output intact", "left temp files",
+                         "last line")),
+    "corrupt": (bad_checkpoints, ("--resume-checkpoint", "exit code", "names the file", "last line")),
+    "ddp": (ddp_kill, ("DDP, 2 gloo ranks, rank 1 SIGKILLed", "exit code", "seconds until all exited", "last line")),
+}
 
 if __name__ == "__main__":
     main()

@@ -132,21 +132,21 @@ def resolve_precision(choice: str, accelerator: str, autocast: bool) -> Precisio
     if choice == "auto":
         choice = "bf16" if accelerator == "gpu" or autocast else "fp32"
     bf16 = choice == "bf16"
-    if bf16 and accelerator == "cpu" and _cpu_bf16_attention_breaks():
-        raise ValueError(f"bf16 autocast on this AMX CPU needs torch's AVX-512 kernels, but ATEN_CPU_CAPABILITY="
-                         f"{os.environ.get('ATEN_CPU_CAPABILITY')} lowers them to "
-                         f"{torch.backends.cpu.get_cpu_capability()}: unset it, or train in fp32")
     return Precision(autocast=bf16, tf32=bf16 and accelerator == "gpu")
 
 
 def configure_process(precision: Precision, accelerator: str) -> None:
     """This training process's switches: on NVIDIA GPUs the TF32 switches (matmuls and cuDNN convs) for
-    ``precision``; on CPU the allocator keeps activation buffers (``tune_cpu_allocator``)."""
+    ``precision``; on CPU the allocator keeps activation buffers (``tune_cpu_allocator``), and bf16 attention
+    takes torch's math kernel where its flash kernel cannot run (``_cpu_bf16_attention_breaks``; the switch is
+    named for CUDA, torch's CPU dispatch reads it too)."""
     if accelerator == "gpu":
         torch.set_float32_matmul_precision("high" if precision.tf32 else "highest")
         torch.backends.cudnn.allow_tf32 = precision.tf32
     elif accelerator == "cpu":
         tune_cpu_allocator()
+        if precision.autocast and _cpu_bf16_attention_breaks():
+            torch.backends.cuda.enable_flash_sdp(False)
 
 
 def set_hpu_autocast_lists(bf16_file: str, fp32_file: str) -> None:
