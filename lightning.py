@@ -12,7 +12,7 @@ from dataset import (BucketizeBatchSampler, CollateFnHubert, DistributedBatchSam
                      UpdateLoader, format_stats, loader_stats)
 from loss import compute_accuracy, compute_accuracy_static, hubert_loss, hubert_loss_static
 from model import FACTORIES, convert_conv_layout, convert_optimizer_state, convert_weight_norm
-from utils.checkpoint import predates_resumable_data, rewind_finished_epoch
+from utils.checkpoint import align_loop_state, predates_resumable_data
 from utils.device import clip_grad_norm, hpu_graph_breaks, make_optimizer
 from utils.lr_schedule import LinearDecayLRScheduler
 
@@ -253,7 +253,7 @@ class HuBERTPreTrainModule(pl.LightningModule):
         """Any conv layout and either weight-norm naming resumes any run: convert to this model's."""
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
         self._resume_without_data_position = predates_resumable_data(checkpoint)
-        rewind_finished_epoch(checkpoint)  # before Lightning restores its loops from it
+        align_loop_state(checkpoint)  # before Lightning restores its loops from it
         use_conv2d = self.hparams.use_conv2d
         state_dict = convert_weight_norm(checkpoint["state_dict"], legacy=False)
         checkpoint["state_dict"] = convert_conv_layout(state_dict, use_conv2d)

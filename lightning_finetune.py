@@ -11,7 +11,7 @@ from dataset import (BucketizeBatchSampler, DistributedBatchSampler, Transcribed
                      collate_ctc, list_utterances)
 from model import FACTORIES
 from model.components import get_padding_mask
-from utils.checkpoint import load_pretrained_model, predates_resumable_data, rewind_finished_epoch
+from utils.checkpoint import align_loop_state, load_pretrained_model, predates_resumable_data
 from utils.ctc import VOCAB, ErrorCounts, greedy_decode, ids_to_text
 from utils.device import clip_grad_norm, make_optimizer
 from utils.lr_schedule import TriStageLRScheduler
@@ -206,11 +206,13 @@ class HuBERTFineTuneModule(pl.LightningModule):
         """The model config and the vocabulary travel with the weights (evaluate.py and export.py need both)."""
         checkpoint["hubert_config"] = self.model.config
         checkpoint["ctc_vocab"] = list(self.hparams.vocab)
+        checkpoint["skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved, ours = checkpoint.get("ctc_vocab", list(VOCAB)), list(self.hparams.vocab)
         if saved != ours:  # before Lightning loads the weights, whose CTC head would not fit
             raise ValueError(f"the checkpoint was fine-tuned on the vocabulary {saved}, not on this run's {ours} "
                              "(--vocab)")
+        self.skipped_steps = checkpoint.get("skipped_steps", 0)
         self._resume_without_data_position = predates_resumable_data(checkpoint)
-        rewind_finished_epoch(checkpoint)  # before Lightning restores its loops from it
+        align_loop_state(checkpoint)  # before Lightning restores its loops from it

@@ -225,8 +225,8 @@ def bad_checkpoints(args, cmds) -> list:
     corrupt = bytearray(good)
     corrupt[len(good) // 2:len(good) // 2 + 4096] = bytes(4096)
     lines = []
-    for what, data in (("truncated", good[:len(good) // 3]), ("4 KiB zeroed mid-file", bytes(corrupt))):
-        bad = folder / f"{what.split()[0]}.ckpt"
+    for what, bad, data in (("truncated", folder / "truncated.ckpt", good[:len(good) // 3]),
+                            ("4 KiB zeroed mid-file", folder / "damaged.ckpt", bytes(corrupt))):
         bad.write_bytes(data)
         for name in ("train", "finetune"):
             done = run([*argv(cmds[name], folder / name), "--resume-checkpoint", str(bad)])

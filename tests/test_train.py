@@ -260,32 +260,38 @@ def lr_by_step(exp: Path) -> dict:
 @pytest.mark.numerics
 @pytest.mark.parametrize("stop", [2, 3], ids=["mid_epoch", "epoch_end"])
 def test_a_finished_run_extends_exactly(data, tmp_path, capsys, stop):
-    """The final checkpoint of a run that reached --max-updates (last.ckpt) resumes with a larger --max-updates
-    exactly as the checkpoint validation wrote at the same update does (and that one as an uninterrupted run:
-    the tests above). Lightning had already counted the epoch it stopped in as done: the resume stopped with
-    "the data would not resume exactly" (mid-epoch), or skipped the next epoch's data (at an epoch's end). The
-    LR then decays to the new --max-updates (it stayed 0, the old schedule's end). Not the uninterrupted run's
-    weights: the first run's LR had decayed to its own end."""
-    common = ["--warmup-updates", "1", "--seconds-per-batch", "16", "--val-check-interval", str(stop)]
-    train.main(args_for(data, tmp_path / "short", *common, "--max-updates", str(stop)))
-    ckpts = tmp_path / "short" / "checkpoints_librispeech_hubert_pretrain_tiny"
-    final = load_checkpoint(ckpts / "last.ckpt")
-    assert final["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["layout"]["micro_batches"] == 3
-    assert (ckpts / "last.ckpt").resolve().name == f"epoch=1-step={stop}.ckpt"  # written as training stopped
+    """The final checkpoint of a run that reached --max-updates (last.ckpt, written as training stopped)
+    resumes with a larger --max-updates exactly as a checkpoint validation wrote at the same update does (and
+    that one as an uninterrupted run: the tests above). Lightning had already counted the epoch it stopped in
+    as done: the resume stopped with "the data would not resume exactly" (mid-epoch), or skipped the next
+    epoch's data (at an epoch's end). The LR then decays to the new --max-updates (it stayed 0, the old
+    schedule's end). Not the uninterrupted run's weights: the first run's LR had decayed to its own end."""
+    common = ["--warmup-updates", "1", "--seconds-per-batch", "16"]
+    ckpts = {}
+    for name, interval in (("stopped", 4), ("validated", stop)):  # validation after the last update, or none
+        train.main(args_for(data, tmp_path / name, *common, "--max-updates", str(stop),
+                            "--val-check-interval", str(interval)))
+        ckpts[name] = last_ckpt(tmp_path / name)
+    (loader,) = load_checkpoint(ckpts["stopped"])["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loader["layout"]["micro_batches"] == 3
+    assert ckpts["stopped"].resolve().name == f"epoch=1-step={stop}.ckpt"  # written as training stopped
+    # Validation's checkpoint holds the final state: it is not written again under the next epoch's name.
+    assert sorted(p.name for p in ckpts["validated"].parent.iterdir()) == [f"epoch=0-step={stop}.ckpt", "last.ckpt"]
     with pytest.raises(SystemExit) as done:  # the same --max-updates: nothing to do
-        train.main(args_for(data, tmp_path / "short", *common, "--max-updates", str(stop),
-                            "--resume-checkpoint", str(ckpts / "last.ckpt")))
+        train.main(args_for(data, tmp_path / "stopped", *common, "--max-updates", str(stop),
+                            "--resume-checkpoint", str(ckpts["stopped"])))
     assert done.value.code == 0 and "the run is already done" in capsys.readouterr().out
-    for name, ckpt in (("from_validation", f"epoch=0-step={stop}.ckpt"), ("from_last", "last.ckpt")):
-        trainer, _ = train.main(args_for(data, tmp_path / name, *common, "--max-updates", "6",
-                                         "--resume-checkpoint", str(ckpts / ckpt)))
+    for name, ckpt in ckpts.items():
+        trainer, _ = train.main(args_for(data, tmp_path / f"{name}_extended", *common, "--max-updates", "6",
+                                         "--val-check-interval", "2", "--resume-checkpoint", str(ckpt)))
         assert trainer.global_step == 6
-    extended, reference = (load_checkpoint(last_ckpt(tmp_path / d)) for d in ("from_last", "from_validation"))
+    extended, reference = (load_checkpoint(last_ckpt(tmp_path / f"{d}_extended")) for d in ("stopped", "validated"))
     for key, value in reference["state_dict"].items():
         assert torch.equal(extended["state_dict"][key], value), key
-    train.main(args_for(data, tmp_path / "straight", *common, "--max-updates", "6"))
+    train.main(args_for(data, tmp_path / "straight", *common, "--max-updates", "6", "--val-check-interval", "2"))
     planned = lr_by_step(tmp_path / "straight")
-    assert {s: lr for s, lr in planned.items() if s >= stop} == lr_by_step(tmp_path / "from_last")
+    for name in ckpts:  # the LR of the new schedule, logged at the uninterrupted run's steps (was one early)
+        assert {s: lr for s, lr in planned.items() if s >= stop} == lr_by_step(tmp_path / f"{name}_extended")
 
 
 @pytest.mark.parametrize("interval, step", [(2, 2), (3, 3)], ids=["mid_epoch", "epoch_end"])

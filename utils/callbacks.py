@@ -43,7 +43,11 @@ class CheckpointKeeper(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         """Training usually stops mid-epoch (at --max-updates), after the last validation: the final state is
-        kept as the newest (not ranked: the last val_loss belongs to an earlier state)."""
+        kept as the newest (not ranked: the last val_loss belongs to an earlier state). Unless that validation
+        was at the last update: its checkpoint holds the final state already (Lightning's epoch count has moved
+        on since, so it was written a second time under the next epoch's name)."""
+        if self.newest is not None and self.newest.endswith(f"-step={trainer.global_step}.ckpt"):
+            return
         self.save(trainer, ranked=False)
 
     def save(self, trainer, ranked: bool) -> None:

@@ -121,27 +121,34 @@ def exit_if_done(path, checkpoint: dict, max_updates: int) -> None:
         raise SystemExit(0)
 
 
-def rewind_finished_epoch(checkpoint: dict) -> bool:
-    """A checkpoint written when training stopped at ``--max-updates``: Lightning has already counted the epoch
-    it stopped in as finished (its ``epoch_progress`` is one ahead of the epoch the train loader was in, and
-    ``_batches_that_stepped`` one ahead of a checkpoint written mid-run). Resumed as it is, a run extended with a
-    larger ``--max-updates`` stopped ("the data would not resume exactly"), or skipped the rest of the epoch
-    when it had ended with one. Put the loop state where a checkpoint written mid-run at the same update has
-    it, so the run continues its epoch exactly. Whether anything changed."""
+def align_loop_state(checkpoint: dict) -> None:
+    """Make Lightning's loop state agree with the train loader's position before Lightning restores it.
+
+    A checkpoint written when training stopped at ``--max-updates``: Lightning has already counted the epoch
+    it stopped in as finished (``epoch_progress`` one ahead of the loader's epoch). Resumed as it was, a run
+    extended with a larger ``--max-updates`` stopped ("the data would not resume exactly"), or skipped the rest
+    of the epoch when it had ended with one: the epoch count goes back to the loader's.
+
+    The logging step (``_batches_that_stepped``, the x axis of TensorBoard and metrics.csv): Lightning counts
+    the last update only after a checkpoint written at validation, and adds it back on resume except at an
+    epoch's end; there it went missing, and a resumed run logged every update one step early. It is set to
+    what an uninterrupted run has when it logs the next update."""
     fit_loop = checkpoint.get("loops", {}).get("fit_loop")
     if not fit_loop or predates_resumable_data(checkpoint):
-        return False
+        return
     (loader,) = fit_loop["state_dict"]["combined_loader"]
     epochs = fit_loop["epoch_progress"]
     ahead = epochs["total"]["completed"] - loader["epoch"]
-    if ahead <= 0:
-        return False
-    for counter in ("total", "current"):
-        for field in ("processed", "completed"):
-            epochs[counter][field] = max(0, epochs[counter][field] - ahead)
-    fit_loop["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
-    checkpoint["epoch"] = loader["epoch"]
-    return True
+    if ahead > 0:
+        for counter in ("total", "current"):
+            for field in ("processed", "completed"):
+                epochs[counter][field] = max(0, epochs[counter][field] - ahead)
+        checkpoint["epoch"] = loader["epoch"]
+    layout = loader["layout"]
+    epoch_done = loader["consumed"] >= -(-layout["micro_batches"] // layout["accumulate"])
+    stepped = fit_loop["epoch_loop.state_dict"]
+    stepped["_batches_that_stepped"] = checkpoint["global_step"] - (0 if epoch_done else 1) + checkpoint.get(
+        "skipped_steps", 0)
 
 
 def predates_resumable_data(checkpoint: dict) -> bool:
