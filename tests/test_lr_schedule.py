@@ -32,7 +32,8 @@ def test_state_round_trip_resumes_the_schedule():
 
 
 @pytest.mark.parametrize("make", [lambda opt, end: LinearDecayLRScheduler(opt, 2, end),
-                                  lambda opt, end: TriStageLRScheduler(opt, 2, 1, end - 3)], ids=["linear", "tri_stage"])
+                                  lambda opt, end: TriStageLRScheduler(opt, 2, 1, end - 3)],
+                         ids=["linear", "tri_stage"])
 def test_a_resumed_schedule_takes_its_stage_lengths_from_the_new_run(make):
     """Extending a finished run (--max-updates 6 -> 10): the update count comes from the checkpoint, the schedule
     from the new flags, and the next update's LR is the new schedule's (the optimizer's restored one was 0)."""
