@@ -3,10 +3,12 @@ the HPU graph breaks handed into the model."""
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
+from pytorch_lightning.strategies import DDPStrategy, ParallelStrategy
 
 from bench import cpu_allocator
 import lightning  # our LightningModule file: the name that confuses lightning-habana
@@ -30,6 +32,41 @@ def test_our_lightning_py_is_hidden_from_lightning_habana():
 def test_missing_lightning_habana_is_a_clear_error():
     with pytest.raises(SystemExit, match="--hpus needs lightning-habana built for pytorch-lightning"):
         import_lightning_habana()
+
+
+def stand_in_lightning_habana(monkeypatch, **strategies):
+    """lightning-habana's module layout with the strategy classes of one of its releases (it cannot be
+    installed here: it needs habana_frameworks)."""
+    for name in ("lightning_habana", "lightning_habana.pytorch", "lightning_habana.pytorch.accelerator",
+                 "lightning_habana.pytorch.strategies"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules["lightning_habana.pytorch.accelerator"].HPUAccelerator = type("HPUAccelerator", (), {})
+    module = sys.modules["lightning_habana.pytorch.strategies"]
+    module.SingleHPUStrategy = type("SingleHPUStrategy", (), {})
+    for name, base in strategies.items():
+        setattr(module, name, type(name, (base,), {}))
+
+
+@pytest.mark.parametrize("release, strategies", [
+    ("1.4", {"HPUParallelStrategy": DDPStrategy}),
+    ("1.6", {"HPUParallelStrategy": DDPStrategy, "HPUDDPStrategy": DDPStrategy}),
+    ("1.7", {"HPUParallelStrategy": ParallelStrategy, "HPUDDPStrategy": DDPStrategy}),
+], ids=["1.4", "1.6", "1.7"])
+def test_hpu_cards_train_with_a_ddp_strategy_of_any_lightning_habana(monkeypatch, release, strategies):
+    """lightning-habana 1.7 turned HPUParallelStrategy (Habana's recipe's choice) into a plain ParallelStrategy:
+    no gradient all-reduce. HPUDDPStrategy is taken where it exists, with Habana's DDP arguments."""
+    stand_in_lightning_habana(monkeypatch, **strategies)
+    _, strategy = utils.device.hpu_accelerator_and_strategy(8, 1, single=False, find_unused_parameters=True)
+    assert isinstance(strategy, DDPStrategy)
+    assert type(strategy).__name__ == ("HPUParallelStrategy" if release == "1.4" else "HPUDDPStrategy")
+    assert strategy._ddp_kwargs == {"broadcast_buffers": False, "gradient_as_bucket_view": True,
+                                    "find_unused_parameters": True}
+
+
+def test_a_lightning_habana_without_ddp_is_refused(monkeypatch):
+    stand_in_lightning_habana(monkeypatch, HPUParallelStrategy=ParallelStrategy)
+    with pytest.raises(SystemExit, match="has no DDP strategy .HPUParallelStrategy does not all-reduce"):
+        utils.device.hpu_accelerator_and_strategy(8, 1, single=False, find_unused_parameters=True)
 
 
 def test_missing_devices_name_what_is_there():

@@ -175,12 +175,19 @@ def hide_our_lightning_module():
 
 
 def import_lightning_habana():
-    """lightning-habana's (HPUAccelerator, HPUParallelStrategy, SingleHPUStrategy), or an error saying how
-    to install a version that matches this pytorch-lightning."""
+    """lightning-habana's (HPUAccelerator, its DDP strategy, SingleHPUStrategy), or an error saying how to
+    install a version that matches this pytorch-lightning.
+
+    The DDP strategy is HPUDDPStrategy (lightning-habana >= 1.5). Habana's recipe used HPUParallelStrategy,
+    which was DDP until 1.5 deprecated it and 1.7 made it a plain ParallelStrategy: no DDP wrapper, so no
+    gradient all-reduce, and 8 cards would train 8 separate models without a word. It is used only where it
+    is still DDP."""
+    from pytorch_lightning.strategies import DDPStrategy
+
     try:
         with hide_our_lightning_module():
+            from lightning_habana.pytorch import strategies
             from lightning_habana.pytorch.accelerator import HPUAccelerator
-            from lightning_habana.pytorch.strategies import HPUParallelStrategy, SingleHPUStrategy
     except ImportError as e:
         import pytorch_lightning
 
@@ -188,17 +195,21 @@ def import_lightning_habana():
             f"--hpus needs lightning-habana built for pytorch-lightning {pytorch_lightning.__version__} ({e}); "
             "on Gaudi use the torch, pytorch-lightning and lightning-habana versions of Habana's image "
             "(README: Habana Gaudi)") from e
-    return HPUAccelerator, HPUParallelStrategy, SingleHPUStrategy
+    ddp = getattr(strategies, "HPUDDPStrategy", None) or strategies.HPUParallelStrategy
+    if not issubclass(ddp, DDPStrategy):
+        raise SystemExit(f"--hpus: this lightning-habana has no DDP strategy ({ddp.__name__} does not all-reduce "
+                         "gradients); use a lightning-habana with HPUDDPStrategy (1.5 or later)")
+    return HPUAccelerator, ddp, strategies.SingleHPUStrategy
 
 
 def hpu_accelerator_and_strategy(devices: int, num_nodes: int, single: bool, find_unused_parameters: bool):
-    """lightning-habana's HPUAccelerator and strategy (HPUParallelStrategy as Habana's recipe)."""
-    HPUAccelerator, HPUParallelStrategy, SingleHPUStrategy = import_lightning_habana()
+    """lightning-habana's HPUAccelerator and strategy: DDP with Habana's recipe's arguments, or one card."""
+    HPUAccelerator, HPUDDPStrategy, SingleHPUStrategy = import_lightning_habana()
 
     if single and devices == 1 and num_nodes == 1:
         return HPUAccelerator(), SingleHPUStrategy()
-    return HPUAccelerator(), HPUParallelStrategy(broadcast_buffers=False, gradient_as_bucket_view=True,
-                                                 find_unused_parameters=find_unused_parameters)
+    return HPUAccelerator(), HPUDDPStrategy(broadcast_buffers=False, gradient_as_bucket_view=True,
+                                            find_unused_parameters=find_unused_parameters)
 
 
 def make_optimizer(name: str, params, lr: float, betas, eps: float, weight_decay: float, device_type: str):
