@@ -13,7 +13,9 @@ half-written file.
                                                      --checks kill disk corrupt ddp]
 """
 import argparse
+import contextlib
 import json
+import os
 import random
 import resource
 import shutil
@@ -39,8 +41,6 @@ CHECKS = ("kill", "disk", "corrupt", "ddp")
 
 
 def env():
-    import os
-
     return {**os.environ, **ENV_THREADS, "PYTHONPATH": str(REPO)}
 
 
@@ -104,7 +104,14 @@ def outputs(name: str, out: Path):
         folder = next((out / "data").iterdir())
         return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
     ckpt = load_checkpoint(out / CKPT_DIRS[name] / "last.ckpt")
-    return {"global_step": ckpt["global_step"], **{k: v for k, v in ckpt["state_dict"].items()}}
+    return {"global_step": ckpt["global_step"], **ckpt["state_dict"]}
+
+
+def with_flag(cmd, flag: str, value: str) -> list:
+    """``cmd`` with ``flag``'s value replaced."""
+    cmd = [*cmd]
+    cmd[cmd.index(flag) + 1] = value
+    return cmd
 
 
 def same(a: dict, b: dict) -> bool:
@@ -175,12 +182,10 @@ def disk_full(args, cmds) -> list:
     lines = []
     out = args.out / "disk_full" / "train"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [*cmds["train"]]
-    cmd[cmd.index("--max-updates") + 1] = "4"
-    assert run(argv(cmd, out)).returncode == 0
+    assert run(argv(with_flag(cmds["train"], "--max-updates", "4"), out)).returncode == 0
     before = (out / CKPT_DIRS["train"] / "last.ckpt").resolve()
-    cmd[cmd.index("--max-updates") + 1] = "8"
-    failed = run(argv(cmd, out, resume=True), limit_bytes=1 << 20)  # checkpoints are ~65 MB, logs far less
+    # checkpoints are ~65 MB, logs far less
+    failed = run(argv(with_flag(cmds["train"], "--max-updates", "8"), out, resume=True), limit_bytes=1 << 20)
     after = (out / CKPT_DIRS["train"] / "last.ckpt").resolve()
     intact = after == before and load_checkpoint(after)["global_step"] == 4
     lines.append(("train.py checkpoint", failed.returncode != 0, intact, len(leftovers(out)), last_line(failed.stderr)))
@@ -194,10 +199,8 @@ def disk_full(args, cmds) -> list:
     intact = bool(shard1) and shard1 == {p.name: p.read_bytes() for p in feat.glob("*_1_4*")}
     lines.append(("preprocess.py features", failed.returncode != 0, intact, len(leftovers(out)),
                   last_line(failed.stderr)))
-    rerun = run(argv(cmds["preprocess_mfcc"], out))
-    same_files = rerun.returncode == 0 and same(outputs("preprocess_mfcc", out),
-                                                outputs("preprocess_mfcc", args.out / "reference" / "preprocess_mfcc"))
-    lines.append(("preprocess.py re-run with space", rerun.returncode == 0, same_files, len(leftovers(out)), ""))
+    rerun_ok, same_files = rerun_with_space(args, cmds, out)
+    lines.append(("preprocess.py re-run with space", rerun_ok, same_files, len(leftovers(out)), ""))
 
     # Labels: every shard's features and k-means are done; the joined label file is over the limit, the
     # per-shard parts are not.
@@ -209,12 +212,18 @@ def disk_full(args, cmds) -> list:
     joined = (args.out / "reference" / "preprocess_mfcc" / "data" / "mfcc" / "label" / "label_train.pt").stat().st_size
     failed = run(argv(cmds["preprocess_mfcc"], out), limit_bytes=joined // 2)
     parts = {p.name: p.read_bytes() for p in label.glob("*.part")}
-    rerun = run(argv(cmds["preprocess_mfcc"], out))
-    same_files = rerun.returncode == 0 and same(outputs("preprocess_mfcc", out),
-                                                outputs("preprocess_mfcc", args.out / "reference" / "preprocess_mfcc"))
+    _, same_files = rerun_with_space(args, cmds, out)
     lines.append(("preprocess.py label file", failed.returncode != 0, bool(parts) and same_files,
                   len(leftovers(out)), last_line(failed.stderr)))
     return lines
+
+
+def rerun_with_space(args, cmds, out: Path):
+    """preprocess.py re-run without the limit: (finished, every file equal to the reference's)."""
+    rerun = run(argv(cmds["preprocess_mfcc"], out))
+    ok = rerun.returncode == 0
+    return ok, ok and same(outputs("preprocess_mfcc", out),
+                           outputs("preprocess_mfcc", args.out / "reference" / "preprocess_mfcc"))
 
 
 def bad_checkpoints(args, cmds) -> list:
@@ -255,9 +264,7 @@ def rank_of(pid: int):
 def ddp_kill(args, cmds) -> list:
     """Two gloo DDP ranks; rank 1 SIGKILLed once the run has written a checkpoint: how each launcher ends."""
     lines = []
-    cmd = [*cmds["train"]]
-    cmd[cmd.index("--devices") + 1] = "2"
-    cmd[cmd.index("--max-updates") + 1] = "40"
+    cmd = with_flag(with_flag(cmds["train"], "--devices", "2"), "--max-updates", "40")
     launchers = {"torch.distributed.run": ["-m", "torch.distributed.run", "--nproc_per_node=2",
                                            "--master_port=29541"],
                  "Lightning's own (--devices 2)": []}
@@ -278,7 +285,8 @@ def ddp_kill(args, cmds) -> list:
                 lines.append((launcher, "rank 1 not found", "", ""))
                 continue
             killed_at = time.monotonic()
-            Path(f"/proc/{victim}").exists() and subprocess.run(["kill", "-9", str(victim)])
+            with contextlib.suppress(ProcessLookupError):  # gone already: the timing below says so
+                os.kill(victim, signal.SIGKILL)
             try:
                 _, stderr = proc.communicate(timeout=600)
             except subprocess.TimeoutExpired:

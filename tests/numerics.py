@@ -13,6 +13,8 @@ Where fp32 itself is the point (upstream's logits are fp32 by design; what a use
 Bit-exact checks (``torch.equal``) remain where the same kernels run on both sides: a run resumed on the
 machine that ran it uninterrupted, a copy, a scripted module against its eager self.
 """
+import copy
+
 import torch
 
 FP64_TOL = 1e-12
@@ -31,3 +33,8 @@ def assert_fp32_close(actual, expected, ulps=64, scale=None, msg=None):
     scale = expected.detach().abs().max().item() if scale is None else scale
     tol = ulps * FP32_EPS
     torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * scale, check_dtype=False, msg=msg)
+
+
+def float64_copies(*modules):
+    """Float64 copies of ``modules``, the originals left as they are (fixtures, fp32 files' models)."""
+    return [copy.deepcopy(m).double() for m in modules]

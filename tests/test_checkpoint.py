@@ -1,11 +1,9 @@
 """Checkpoint files: Lightning-style and plain, conv2d and conv1d, and clear errors for bad files."""
-import copy
-
 import pytest
 import torch
 
 from model import hubert_pretrain_model, hubert_pretrain_tiny
-from tests.numerics import assert_same_math
+from tests.numerics import assert_same_math, float64_copies
 from tests.test_model import SMALL
 from utils.checkpoint import load_checkpoint, load_pretrained_model
 
@@ -19,7 +17,8 @@ def features(model, waveforms):
 
 
 def float64_features(model, waveforms):
-    return features(copy.deepcopy(model).double(), waveforms.double())
+    (model64,) = float64_copies(model)
+    return features(model64, waveforms.double())
 
 
 def test_lightning_checkpoint_with_config_in_conv2d_layout(tmp_path):

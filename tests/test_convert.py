@@ -1,6 +1,5 @@
 """conv2d <-> conv1d conversion of weights and optimizer moments, weight-norm names, and rebuilding from a
 state dict."""
-import copy
 import warnings
 
 import pytest
@@ -9,7 +8,7 @@ import torch
 from model.convert import is_conv_weight
 from model import (convert_conv_layout, convert_optimizer_state, convert_weight_norm, hubert_pretrain_model,
                    hubert_pretrain_tiny, infer_arch, model_from_state_dict, strip_prefix)
-from tests.numerics import assert_same_math
+from tests.numerics import assert_same_math, float64_copies
 from tests.test_model import SMALL, make_batch
 
 pytestmark = pytest.mark.numerics  # run again under ATEN_CPU_CAPABILITY=default by make test
@@ -99,7 +98,8 @@ def test_legacy_weight_norm_names_load_into_torchaudio_20s_positional_conv():
         old = torch.nn.utils.weight_norm(old, name="weight", dim=2)
     old.load_state_dict({k[len(prefix):]: v for k, v in legacy.items() if k.startswith(prefix)})
     x = torch.randn(2, ours.in_channels, 50, dtype=torch.float64)
-    assert_same_math(old.double()(x), copy.deepcopy(ours).double()(x))
+    (ours64,) = float64_copies(ours)
+    assert_same_math(old.double()(x), ours64(x))
     rebuilt = model_from_state_dict(strip_prefix(legacy), model.config)
     for key, value in model.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[key], value), key

@@ -9,8 +9,6 @@ alone (in our model, torchaudio's and HF's alike); a layer-norm extractor is per
 ``hidden_states`` of transformers 5.x are (input of layer 1, output of layer 1, ..., output of layer L)
 before the final layer norm of a pre-LN encoder, the same as our ``extract_features`` after the first.
 """
-import copy
-
 import pytest
 import torch
 import torchaudio
@@ -18,7 +16,7 @@ from transformers import HubertConfig, HubertModel  # a test dependency (require
 
 import export
 from model import hubert_pretrain_base, hubert_pretrain_model, hubert_pretrain_tiny
-from tests.numerics import assert_same_math
+from tests.numerics import assert_same_math, float64_copies
 from tests.test_model import SMALL
 
 pytestmark = pytest.mark.numerics  # run again under ATEN_CPU_CAPABILITY=default by make test
@@ -62,11 +60,6 @@ def padded_batch64():
     return waveforms.double(), attention_mask
 
 
-def float64(*models):
-    """Float64 copies: the exports are fp32 files, compared as functions in float64 (tests/numerics.py)."""
-    return [copy.deepcopy(m).double() for m in models]
-
-
 def assert_layers_close(ours, theirs):
     assert len(ours) == len(theirs)
     for i, (a, b) in enumerate(zip(ours, theirs)):
@@ -96,7 +89,7 @@ def test_exports_match_ours_in_every_layer(tmp_path, arch, conv2d, capsys):
     assert hf_model.config.feat_extract_norm == ("layer" if arch == "pre_ln" else "group")
 
     waveforms, attention_mask = padded_batch64()
-    source64, ta64, hf64 = float64(source, ta_model, hf_model)
+    source64, ta64, hf64 = float64_copies(source, ta_model, hf_model)  # the exports are fp32 files
     with torch.no_grad():
         ours, frames = source64.wav2vec2.extract_features(waveforms, LENGTHS)
         ta_layers, ta_frames = ta64.extract_features(waveforms, LENGTHS)
@@ -211,7 +204,7 @@ def test_finetuned_export_is_a_hubert_for_ctc_with_its_processor(tmp_path, use_c
     inputs = processor([w[:n].numpy() for w, n in zip(waveforms, LENGTHS)], sampling_rate=16000,
                        return_tensors="pt", padding=True)
     assert torch.equal(inputs.input_values, waveforms) and torch.equal(inputs.attention_mask, attention_mask)
-    ours, hf_model, ta_model = float64(ours, hf_model, ta_model)
+    ours, hf_model, ta_model = float64_copies(ours, hf_model, ta_model)
     waveforms = waveforms.double()
     with torch.no_grad():
         logits, frames = ours(waveforms, LENGTHS)

@@ -1,7 +1,5 @@
 """Our HuBERT against torchaudio 2.11's: same weights in, same numbers out (compared in float64; see
 tests/numerics.py)."""
-import copy
-
 import pytest
 import torch
 import torchaudio
@@ -11,7 +9,7 @@ import model.hubert as our_hubert
 from model import (convert_conv_layout, hubert_pretrain_base, hubert_pretrain_large, hubert_pretrain_model,
                    hubert_pretrain_tiny, hubert_pretrain_xlarge)
 from model.logits import LOGIT_TEMP
-from tests.numerics import assert_fp32_close, assert_same_math
+from tests.numerics import assert_fp32_close, assert_same_math, float64_copies
 
 pytestmark = pytest.mark.numerics  # run again under ATEN_CPU_CAPABILITY=default by make test
 
@@ -57,7 +55,7 @@ def float64_pair(ref, build, **flags):
     """Float64 copies of torchaudio's model and of ours built with ``flags`` and loaded with its weights."""
     ours = build(**flags)
     ours.load_state_dict(convert_conv_layout(ref.state_dict(), flags.get("use_conv2d", False)))
-    return copy.deepcopy(ref).double(), ours.double()
+    return float64_copies(ref)[0], ours.double()
 
 
 def run_static(model, batch):

@@ -107,18 +107,22 @@ def _amx() -> bool:
     return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
+def _avx512_kernels() -> bool:
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def _cpu_bf16_attention_breaks() -> bool:
     """torch's bf16 attention packs its operands for AMX whenever the CPU has AMX, with kernels that exist only
     at ATEN_CPU_CAPABILITY avx512: with the capability lowered (``default``, ``avx2``) every bf16 SDPA call
     raises "pack_vnni2 is only supported when avx512 is supported" (torch 2.11)."""
-    return _amx() and not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return _amx() and not _avx512_kernels()
 
 
 def fast_cpu_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX) and torch uses it: there bf16 autocast
-    makes a tiny-model training step ~1.3x faster (bench/tiny_speed.py); without it bf16 is emulated, so the
-    tiny recipe keeps fp32."""
-    return _amx() and not _cpu_bf16_attention_breaks()
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX) and torch uses it (its AVX-512
+    kernels): there bf16 autocast makes a tiny-model training step ~1.3x faster (bench/tiny_speed.py); without
+    it bf16 is emulated, so the tiny recipe keeps fp32."""
+    return _amx() and _avx512_kernels()
 
 
 def resolve_precision(choice: str, accelerator: str, autocast: bool) -> Precision:
