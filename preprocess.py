@@ -37,7 +37,7 @@ from utils.common_utils import AUDIO_CHECKS, TsvSummary, create_tsv
 from utils.feature_utils import (Extractor, Shard, dump_features, feature_key, file_sha256, hubert_extractor,
                                  mfcc_extractor, read_shards)
 from utils.kmeans import BACKENDS, fitted_inertia, import_faiss, kmeans_key, kmeans_picks, learn_kmeans, load_centers
-from utils.labels import is_done, label_paths, label_shard, merge_label_parts, split_key
+from utils.labels import FORMATS, is_done, label_paths, label_shard, merge_label_parts, split_key
 
 log = logging.getLogger("preprocess")
 
@@ -92,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="stop once k-means is fitted (then --rank jobs write the labels)")
     parser.add_argument("--skip-bad", action="store_true",
                         help="leave unusable audio files out of the file lists instead of stopping")
+    parser.add_argument("--label-format", choices=FORMATS, default="text",
+                        help="text: upstream's label_{split}.pt; npy: label_{split}.npy + label_{split}.offsets.npy, "
+                             "half the size and memory-mapped by train.py (for Libri-Light-sized corpora)")
     parser.add_argument("--audio-check", choices=AUDIO_CHECKS, default="tail",
                         help="how each audio file is checked before any heavy work: header only; tail: also decode "
                              "its last samples after a seek (catches truncated files); full: decode it all (also "
@@ -215,21 +218,24 @@ def fit(job: Job) -> float:
 def write_label_parts(job: Job, plan: Plan) -> None:
     """Step 4: the label part of each of this process's shards, of train and valid, that is not done yet."""
     centers, model_key = load_centers(job.km_dir, job.device), file_sha256(job.km_dir / "model.pt")
+    fmt = job.args.label_format
     for split in job.splits:
-        if is_done(label_paths(job.label_dir, split), split_key(plan.shards[split], job.extractor, model_key)):
+        if is_done(label_paths(job.label_dir, split, fmt=fmt), split_key(plan.shards[split], job.extractor, model_key, fmt)):
             log.info("%s labels are already done", split)
             continue
         for shard in job.mine(plan.shards[split]):
-            label_shard(shard, job.extractor, job.feat_dir, job.label_dir, centers, model_key, plan.keep(shard))
+            label_shard(shard, job.extractor, job.feat_dir, job.label_dir, centers, model_key, plan.keep(shard), fmt)
 
 
 def merge_labels(job: Job, plan: Plan) -> List[str]:
-    """Join the label parts of each split into label_{split}.pt (upstream's file); returns their names."""
-    model_key = file_sha256(job.km_dir / "model.pt")
+    """Join the label parts of each split into label_{split}.pt (upstream's file) or the npy pair; returns the
+    names of the labels written."""
+    model_key, fmt = file_sha256(job.km_dir / "model.pt"), job.args.label_format
     for split in job.splits:
-        if not is_done(label_paths(job.label_dir, split), split_key(plan.shards[split], job.extractor, model_key)):
-            merge_label_parts(job.label_dir, plan.shards[split], job.extractor, model_key)
-    return [label_paths(job.label_dir, split)[0].name for split in job.splits]
+        key = split_key(plan.shards[split], job.extractor, model_key, fmt)
+        if not is_done(label_paths(job.label_dir, split, fmt=fmt), key):
+            merge_label_parts(job.label_dir, plan.shards[split], job.extractor, model_key, fmt, job.args.num_cluster)
+    return [label_paths(job.label_dir, split, fmt=fmt)[0].name for split in job.splits]
 
 
 def main(argv=None) -> None:

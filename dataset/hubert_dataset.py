@@ -12,6 +12,9 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
+from .label_files import open_labels
+from .manifest import Manifest
+
 SAMPLE_RATE = 16000
 KERNEL = 400  # receptive field of the conv feature extractor (25 ms at 16 kHz)
 STRIDE = 320  # its hop (20 ms), i.e. 50 Hz model frames
@@ -31,91 +34,57 @@ def expected_num_labels(num_samples: int, feature_type: str) -> int:
     return num_frames(num_samples, LABEL_HOP[feature_type])
 
 
-def _read_tsv(tsv: Path) -> Tuple[np.ndarray, np.ndarray]:
-    """Paths (root joined with the relative path, as upstream) and sample counts of a TSV file list."""
-    if not tsv.is_file():
-        raise FileNotFoundError(f"{tsv}: TSV file list not found (run preprocess.py first)")
-    paths, lengths = [], []
-    with open(tsv) as f:
-        root = f.readline().rstrip("\n")
-        for lineno, line in enumerate(f, start=2):
-            fields = line.rstrip("\n").split("\t")
-            if len(fields) != 2 or not fields[1].strip().isdigit():
-                raise ValueError(f"{tsv}:{lineno}: expected '<relative path>\\t<num samples>', got {line!r}")
-            paths.append(f"{root}/{fields[0]}")
-            lengths.append(int(fields[1]))
-    if not paths:
-        raise ValueError(f"{tsv}: lists no utterances")
-    missing = [p for p in paths if not os.path.exists(p)]
-    if missing:
-        raise FileNotFoundError(f"{tsv}: {len(missing)} listed audio file(s) do not exist, first: {missing[0]}")
-    return np.asarray(paths), np.asarray(lengths, dtype=np.int64)
-
-
-def _read_label_lines(path: Path) -> Tuple[np.ndarray, np.ndarray]:
-    """The label file as one byte buffer plus line offsets: compact, and a single object, so DataLoader
-    workers share it copy-on-write instead of touching 300k Python strings."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: label file not found (run preprocess.py first)")
-    buf = np.fromfile(path, dtype=np.uint8)
-    ends = np.flatnonzero(buf == ord("\n"))
-    if len(buf) and buf[-1] != ord("\n"):
-        ends = np.append(ends, len(buf))
-    starts = np.concatenate([[0], ends[:-1] + 1])[:len(ends)].astype(np.int64)
-    return buf, np.stack([starts, ends], axis=1)
-
-
 class HuBERTDataSet(Dataset):
-    """Utterances of ``exp_dir/tsv/{dataset}_{subset}.tsv`` with labels from ``exp_dir/label/label_{subset}.pt``
-    (text, one line per TSV entry). Items are ``(waveform (1, N) float32, label (L,) int64, N)``.
+    """Utterances of ``exp_dir/tsv/{dataset}_{subset}.tsv`` with labels from ``exp_dir/label/``: upstream's text
+    ``label_{subset}.pt`` (one line per TSV entry) or the npy pair preprocess.py writes with ``--label-format
+    npy`` (see dataset.label_files). Items are ``(waveform (1, N) float32, label (L,) int64, N)``.
 
     No length filtering or sorting here: ``len_list`` feeds the sampler, which does both. With
-    ``feature_type`` given, every label line is checked against its audio length at construction, so a
-    label file from the wrong step or iteration fails before training rather than silently misaligning.
-    With ``num_classes`` given, labels must lie in ``[0, num_classes)``: the first lines are checked at
-    construction (labels of a k-means with more clusters show up at once), every item when it is loaded.
+    ``feature_type`` given, every utterance's label count is checked against its audio length at construction
+    (from the label index, without reading the labels), so a label file from the wrong step or iteration fails
+    before training rather than silently misaligning. With ``num_classes`` given, labels must lie in
+    ``[0, num_classes)``: the first utterances are checked at construction (labels of a k-means with more
+    clusters show up at once), every item when it is loaded. Memory holds a few numbers per utterance, not
+    the lists (dataset.manifest, dataset.label_files).
     """
 
     def __init__(self, exp_dir: Union[str, Path], dataset: str, subset: str,
                  feature_type: Optional[str] = None, num_classes: Optional[int] = None) -> None:
         exp_dir = Path(exp_dir)
         self.tsv_path = exp_dir / "tsv" / f"{dataset}_{subset}.tsv"
-        self.label_path = exp_dir / "label" / f"label_{subset}.pt"
-        self.f_list, self.len_list = _read_tsv(self.tsv_path)
-        self._label_buf, self._label_span = _read_label_lines(self.label_path)
-        if len(self._label_span) != len(self.f_list):
-            raise ValueError(f"{self.label_path}: has {len(self._label_span)} label lines but {self.tsv_path} "
-                             f"lists {len(self.f_list)} utterances; labels must be made from this TSV")
+        self.manifest = Manifest(self.tsv_path)
+        self.manifest.check_files_exist()
+        self.len_list = self.manifest.lengths
+        self.labels = open_labels(exp_dir / "label", subset)
+        self.label_path = self.labels.path
+        if len(self.labels) != len(self.manifest):
+            raise ValueError(f"{self.label_path}: has {len(self.labels)} label lines but {self.tsv_path} "
+                             f"lists {len(self.manifest)} utterances; labels must be made from this TSV")
         if feature_type is not None:
             self._check_label_counts(feature_type)
         self.num_classes = num_classes
         if num_classes is not None:
-            for i in range(min(len(self._label_span), 100)):
+            for i in range(min(len(self.labels), 100)):
                 self._load_label(i)
 
     def __len__(self) -> int:
-        return len(self.f_list)
-
-    def _label_bytes(self, index: int) -> bytes:
-        start, end = self._label_span[index]
-        return self._label_buf[start:end].tobytes()
+        return len(self.manifest)
 
     def _check_label_counts(self, feature_type: str) -> None:
-        """Fast count by spaces; a line that seems off is re-counted exactly before we complain."""
-        for i, (start, end) in enumerate(self._label_span):
-            n = int(self.len_list[i])
-            if n < KERNEL:
-                continue  # too short for even one frame; never trained on (the sampler drops it)
-            want = expected_num_labels(n, feature_type)
-            if np.count_nonzero(self._label_buf[start:end] == ord(" ")) + 1 == want:
-                continue
-            got = len(self._label_bytes(i).split())
-            if got != want:
-                raise ValueError(f"{self.label_path}:{i + 1}: {got} labels, but {self.f_list[i]} has {n} samples, "
-                                 f"which needs {want} labels for feature type {feature_type!r}")
+        expected_num_labels(KERNEL, feature_type)  # validates feature_type
+        n, counts = self.len_list, self.labels.counts
+        want = (n - KERNEL) // LABEL_HOP[feature_type] + 1
+        bad = np.flatnonzero((n >= KERNEL) & (counts != want))  # shorter: never trained on
+        if len(bad):
+            i = int(bad[0])
+            raise ValueError(f"{self.label_path}:{i + 1}: {counts[i]} labels, but "
+                             f"{self.manifest.audio_path(i)} has {n[i]} samples, which needs {want[i]} labels for "
+                             f"feature type {feature_type!r}")
 
     def _load_audio(self, index: int) -> Tensor:
-        path = self.f_list[index]
+        path = self.manifest.audio_path(index)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} (line {index + 2} of {self.tsv_path}) does not exist")
         data, sample_rate = soundfile.read(path, dtype="float32", always_2d=True)
         if sample_rate != SAMPLE_RATE:
             raise ValueError(f"{path}: sample rate {sample_rate}, expected {SAMPLE_RATE}")
@@ -124,10 +93,7 @@ class HuBERTDataSet(Dataset):
         return torch.from_numpy(np.ascontiguousarray(data[:, 0])).unsqueeze(0)  # channel 0, as preprocess.py
 
     def _load_label(self, index: int) -> Tensor:
-        try:
-            label = np.array(self._label_bytes(index).split(), dtype=np.int64)
-        except ValueError as e:
-            raise ValueError(f"{self.label_path}:{index + 1}: not a line of integer labels ({e})") from None
+        label = self.labels[index]
         if self.num_classes is not None and len(label) and not 0 <= label.min() <= label.max() < self.num_classes:
             bad = label.max() if label.max() >= self.num_classes else label.min()
             raise ValueError(f"{self.label_path}:{index + 1}: label {bad} is outside [0, {self.num_classes}); "

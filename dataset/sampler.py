@@ -83,14 +83,14 @@ class BucketizeBatchSampler(Sampler[List[int]]):
         self.boundaries = bucket_boundaries(num_buckets, min_len, max_len)
         self.buckets = self._get_buckets()
         self.costs = self._costs()
-        self.iter_list = self._pack()
+        self._flat, self._bounds = self._pack()
 
     def set_epoch(self, epoch: int) -> None:
         """Re-pack the batches with the within-bucket shuffle of ``epoch`` (nothing changes without shuffle)."""
         if epoch != self.epoch:
             self.epoch = epoch
             if self.shuffle:
-                self.iter_list = self._pack()
+                self._flat, self._bounds = self._pack()
 
     def gen_bucket_boundary_fn(self) -> BucketAligner:
         """The aligner for ``CollateFnHubert(pad=True, aligner=...)`` (Habana's name)."""
@@ -109,36 +109,42 @@ class BucketizeBatchSampler(Sampler[List[int]]):
             return np.ones(len(self.lengths), dtype=np.int64)
         if self.align_buckets != "bucket1":
             return self.lengths
-        align = self.gen_bucket_boundary_fn()
-        costs = np.array([align(n) for n in self.lengths.tolist()], dtype=np.int64)
+        # BucketAligner on every length at once: the first boundary strictly greater, rounded up.
+        boundaries = np.array(self.gen_bucket_boundary_fn().boundaries)
+        costs = np.ceil(boundaries[np.searchsorted(boundaries, self.lengths, side="right")]).astype(np.int64)
         if costs.max() > self.max_token_count:
             raise ValueError(f"align_buckets='bucket1' counts a sample of {self.lengths[-1]} samples as "
                              f"{costs.max()}, more than max_token_count={self.max_token_count}")
         return costs
 
-    def _pack(self) -> List[List[int]]:
-        costs = self.costs
-        budget = self.max_token_count if self.max_token_count is not None else self.batch_size
+    def _pack(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(dataset indices in batch order, where each batch starts plus the end): greedy packing, each batch
+        as long as the next sample fits, found by a search in the running cost rather than a loop per sample."""
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        batches, batch, total = [], [], 0
+        order = []
         for positions in self.buckets.values():
             if self.shuffle:
                 positions = positions[torch.randperm(len(positions), generator=generator)]
-            for pos in positions.tolist():
-                if batch and total + costs[pos] > budget:
-                    batches.append(batch)
-                    batch, total = [], 0
-                batch.append(int(self.indices[pos]))
-                total += costs[pos]
-        if self.batch_size is None or not self.drop_last or len(batch) == self.batch_size:
-            batches.append(batch)
-        return batches
+            order.append(positions.numpy())
+        order = np.concatenate(order)
+        spent = np.concatenate([[0], np.cumsum(self.costs[order])])
+        budget = self.max_token_count if self.max_token_count is not None else self.batch_size
+        bounds, start = [0], 0
+        while start < len(order):
+            start = int(np.searchsorted(spent, spent[start] + budget, side="right")) - 1
+            bounds.append(start)
+        if self.batch_size is not None and self.drop_last and bounds[-1] - bounds[-2] < self.batch_size:
+            bounds.pop()
+        return self.indices[order], np.array(bounds, dtype=np.int64)
+
+    def __getitem__(self, i: int) -> List[int]:
+        return self._flat[self._bounds[i]:self._bounds[i + 1]].tolist()
 
     def __iter__(self) -> Iterator[List[int]]:
-        return iter(self.iter_list)
+        return (self[i] for i in range(len(self)))
 
     def __len__(self) -> int:
-        return len(self.iter_list)
+        return len(self._bounds) - 1
 
 
 class DistributedBatchSampler(Sampler[List[int]]):
@@ -167,6 +173,7 @@ class DistributedBatchSampler(Sampler[List[int]]):
         self.seed = seed
         self.drop_last = drop_last
         self.epoch = 0
+        self._cache = (None, None)
 
     @property
     def num_samples(self) -> int:
@@ -183,15 +190,23 @@ class DistributedBatchSampler(Sampler[List[int]]):
         if hasattr(self.batch_sampler, "set_epoch"):
             self.batch_sampler.set_epoch(epoch)
 
+    def _rank_batches(self) -> np.ndarray:
+        """Positions in ``batch_sampler`` of this rank's batches this epoch (cached per epoch)."""
+        num_batches = len(self.batch_sampler)
+        if self._cache[0] != (self.epoch, num_batches):
+            ids = np.arange(num_batches)
+            if self.shuffle:
+                generator = torch.Generator().manual_seed(self.seed + self.epoch)
+                ids = torch.randperm(num_batches, generator=generator).numpy()
+            ids = np.resize(ids, self.total_size)  # cyclic, so even fewer batches than ranks get padded
+            self._cache = ((self.epoch, num_batches), ids[self.rank::self.num_replicas])
+        return self._cache[1]
+
+    def __getitem__(self, i: int) -> List[int]:
+        return list(self.batch_sampler[int(self._rank_batches()[i])])
+
     def __iter__(self) -> Iterator[List[int]]:
-        batches = list(self.batch_sampler)
-        total_size = self.total_size
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-        while len(batches) < total_size:  # cyclic, so even fewer batches than ranks get padded
-            batches += batches[:total_size - len(batches)]
-        return iter(batches[self.rank:total_size:self.num_replicas])
+        return (self[i] for i in range(len(self)))
 
     def __len__(self) -> int:
         return self.num_samples

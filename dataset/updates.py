@@ -31,9 +31,10 @@ class UpdatePlan(NamedTuple):
 
 
 class UpdateSampler(Sampler[UpdatePlan]):
-    """This rank's micro-batches of an epoch (``batch_sampler``, e.g. a DistributedBatchSampler) dealt in
-    order into groups of ``accumulate``; the epoch's last group is shorter when the count does not divide.
-    Every rank gets the same number of micro-batches, hence the same group sizes.
+    """This rank's micro-batches of an epoch (``batch_sampler``, e.g. a DistributedBatchSampler: a sequence read
+    as updates come due, never listed whole) dealt in order into groups of ``accumulate``; the epoch's last
+    group is shorter when the count does not divide. Every rank gets the same number of micro-batches, hence
+    the same group sizes.
 
     ``start_epoch(e)`` plans epoch ``e`` (``batch_sampler.set_epoch(e)`` re-packs and reshuffles). The
     state is (epoch, updates consumed, layout): after ``load_state_dict`` the next iteration skips the
@@ -48,7 +49,7 @@ class UpdateSampler(Sampler[UpdatePlan]):
         self.accumulate = accumulate
         self.rank = rank
         self.epoch: Optional[int] = None
-        self.groups: List[List[List[int]]] = []
+        self.num_micro_batches = 0
         self.consumed = 0
         self._skip = 0
         self.start_epoch(0)
@@ -58,14 +59,18 @@ class UpdateSampler(Sampler[UpdatePlan]):
             return
         if hasattr(self.batch_sampler, "set_epoch"):
             self.batch_sampler.set_epoch(epoch)
-        batches = list(self.batch_sampler)
-        self.groups = [batches[i:i + self.accumulate] for i in range(0, len(batches), self.accumulate)]
+        self.num_micro_batches = len(self.batch_sampler)
         self.epoch, self.consumed, self._skip = epoch, 0, 0
+
+    def group(self, position: int) -> List[List[int]]:
+        """The micro-batches of update ``position``, read from the batch sampler only when it is due."""
+        end = min((position + 1) * self.accumulate, self.num_micro_batches)
+        return [self.batch_sampler[i] for i in range(position * self.accumulate, end)]
 
     def layout(self) -> dict:
         """What decides the grouping: a resumed run with another layout continues at the same update count,
         but not with the same batches."""
-        return {"micro_batches": sum(len(g) for g in self.groups), "accumulate": self.accumulate,
+        return {"micro_batches": self.num_micro_batches, "accumulate": self.accumulate,
                 "num_replicas": getattr(self.batch_sampler, "num_replicas", 1)}
 
     def state_dict(self) -> dict:
@@ -78,15 +83,15 @@ class UpdateSampler(Sampler[UpdatePlan]):
             warnings.warn(f"resuming with a different data layout ({state['layout']} -> {self.layout()}): "
                           f"epoch {self.epoch} continues at update {state['consumed']}, but its remaining "
                           "batches are not those the checkpointed run would have seen")
-        self.consumed = self._skip = min(state["consumed"], len(self.groups))
+        self.consumed = self._skip = min(state["consumed"], len(self))
 
     def __iter__(self):
         start, self._skip = self._skip, 0
-        for position in range(start, len(self.groups)):
-            yield UpdatePlan(self.epoch, position, self.rank, self.groups[position])
+        for position in range(start, len(self)):
+            yield UpdatePlan(self.epoch, position, self.rank, self.group(position))
 
     def __len__(self) -> int:
-        return len(self.groups)
+        return -(-self.num_micro_batches // self.accumulate)
 
 
 class UpdateDataset(Dataset):

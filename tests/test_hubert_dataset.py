@@ -8,6 +8,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from dataset import BucketizeBatchSampler, CollateFnHubert, HuBERTDataSet, expected_num_labels
+from dataset.label_files import NpyLabels
+from tests.test_label_files import write_npy
 
 LENGTHS = [32000, 33111, 40000, 35555, 48320, 32400]
 
@@ -248,3 +250,20 @@ def test_label_count_mismatch_is_an_error():
         CollateFnHubert("hubert")([(torch.zeros(1, n), good, n)])
     with pytest.raises(ValueError, match="feature_type must be one of"):
         CollateFnHubert("fbank")
+
+
+def test_npy_labels_give_the_same_items_and_checks(tmp_path):
+    exp, _, labels = write_exp_dir(tmp_path)
+    text = HuBERTDataSet(exp, "librispeech", "train", feature_type="mfcc", num_classes=100)
+    write_npy(exp / "label", labels)
+    (exp / "label" / "label_train.pt").unlink()
+    ds = HuBERTDataSet(exp, "librispeech", "train", feature_type="mfcc", num_classes=100)
+    assert isinstance(ds.labels, NpyLabels)
+    for i in range(len(ds)):
+        assert torch.equal(ds[i][1], text[i][1]) and torch.equal(ds[i][0], text[i][0])
+    loader = DataLoader(ds, batch_size=None, num_workers=2)  # workers open the memory maps themselves
+    assert [item[1].tolist() for item in loader] == [lab.tolist() for lab in labels]
+    with pytest.raises(ValueError, match=r"label_train.npy:1: 198 labels, .* for feature type 'hubert'"):
+        HuBERTDataSet(exp, "librispeech", "train", feature_type="hubert")
+    with pytest.raises(ValueError, match=r"label_train.npy:\d+: label 9\d is outside \[0, 90\)"):
+        HuBERTDataSet(exp, "librispeech", "train", num_classes=90)

@@ -16,6 +16,7 @@ import soundfile
 import torch
 from sklearn.cluster import MiniBatchKMeans
 
+from dataset.label_files import open_labels
 from preprocess import main, parse_args, pick_device
 from tests.numerics import assert_fp32_close
 from tests.test_common_utils import make_corpus, tone
@@ -35,7 +36,9 @@ def run_args(root, exp, *extra):
 
 
 def files_of(folder):
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Name -> bytes of every file; label line indexes are caches keyed by their file's mtime: name only."""
+    return {p.relative_to(folder).as_posix(): b"" if p.name.endswith(".index.npz") else p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def tsv_samples(data_dir, split):
@@ -88,6 +91,7 @@ def test_mfcc_run_writes_upstream_files(reference):
     assert set(files_of(reference)) == {
         "tsv/librispeech_train.tsv", "tsv/librispeech_valid.tsv", "km_model/model.pt", "km_model/model.done",
         "label/label_train.pt", "label/label_valid.pt", "label/label_train.done", "label/label_valid.done",
+        "label/label_train.pt.index.npz", "label/label_valid.pt.index.npz",
         *(f"feat/{name}.npy" for name in shards), *(f"feat/len_{name}.pt" for name in shards),
         *(f"feat/{name}.done" for name in shards)}  # valid's features are never stored: only labelled
     km = joblib.load(reference / "km_model/model.pt")
@@ -114,6 +118,21 @@ def test_same_seed_same_bytes_and_the_old_paths_centres_and_labels(corpus, refer
     assert np.array_equal(joblib.load(reference / "km_model/model.pt").cluster_centers_, centers)
     for split in ("train", "valid"):  # valid is labelled with the model fitted on train
         assert (reference / f"label/label_{split}.pt").read_text() == old_labels(split, torch.from_numpy(centers))
+
+
+def test_npy_labels_are_the_text_labels(corpus, reference, tmp_path):
+    """--label-format npy on the reference's run: the same ids; switching formats relabels and leaves one format."""
+    data = tmp_path / "data/mfcc"
+    main(run_args(corpus, tmp_path, "--label-format", "npy"))
+    for split in ("train", "valid"):
+        read = open_labels(data / "label", split)
+        text = (reference / f"label/label_{split}.pt").read_text().splitlines()
+        assert [read[i].tolist() for i in range(len(read))] == [list(map(int, line.split())) for line in text]
+    assert sorted(p.name for p in (data / "label").iterdir()) == [
+        "label_train.done", "label_train.npy", "label_train.offsets.npy",
+        "label_valid.done", "label_valid.npy", "label_valid.offsets.npy"]
+    main(run_args(corpus, tmp_path))
+    assert files_of(data) == files_of(reference)
 
 
 def test_hubert_run_from_a_conv2d_checkpoint_stores_only_the_kmeans_sample(corpus, tmp_path):
@@ -172,7 +191,8 @@ def test_bad_audio_stops_before_any_work_or_is_skipped(tmp_path_factory, caplog)
     main(args + ["--skip-bad"])
     data = exp / "data/mfcc"
     assert tsv_samples(data, "train") == [6000, 6999, 7998]
-    assert sorted(p.name for p in (data / "label").iterdir()) == ["label_train.done", "label_train.pt"]  # no valid
+    assert sorted(p.name for p in (data / "label").iterdir()) == [
+        "label_train.done", "label_train.pt", "label_train.pt.index.npz"]  # no valid
     assert "done: 3 train / 0 valid files (5 skipped)" in caplog.text
 
 

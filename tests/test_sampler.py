@@ -218,3 +218,55 @@ def test_distributed_set_epoch_reaches_the_inner_sampler_and_its_length():
         assert len(list(s)) == len(s) == math.ceil(len(inner) / 3)
         counts.add(len(inner))
     assert len(counts) > 1, "reshuffled packing changes the batch count: the test must see that"
+
+
+def reference_batches(lengths, num_buckets, min_len, max_len, budget, batch_size, shuffle, drop_last, align, seed,
+                      epoch):
+    """The sampler as it was before the batches became arrays (a loop per sample): the arrays must give the same
+    batches, so that runs and their checkpoints carry over."""
+    lengths = np.asarray(lengths)
+    kept = np.flatnonzero((lengths >= min_len) & (lengths <= max_len))
+    order = kept[np.argsort(lengths[kept], kind="stable")]
+    boundaries = bucket_boundaries(num_buckets, min_len, max_len)
+    align_fn = BucketAligner(tuple(boundaries.tolist()))
+    costs = ([1] * len(order) if batch_size else
+             [align_fn(int(n)) if align == "bucket1" else int(n) for n in lengths[order]])
+    ids = torch.bucketize(torch.from_numpy(lengths[order]), boundaries)
+    generator = torch.Generator().manual_seed(seed + epoch)
+    batches, batch, total, limit = [], [], 0, batch_size or budget
+    for bucket in torch.unique_consecutive(ids).tolist():
+        positions = torch.nonzero(ids == bucket).flatten()
+        if shuffle:
+            positions = positions[torch.randperm(len(positions), generator=generator)]
+        for pos in positions.tolist():
+            if batch and total + costs[pos] > limit:
+                batches.append(batch)
+                batch, total = [], 0
+            batch.append(int(order[pos]))
+            total += costs[pos]
+    if not batch_size or not drop_last or len(batch) == batch_size:
+        batches.append(batch)
+    return batches
+
+
+@pytest.mark.parametrize("align", ["none", "bucket1", "bucket2"])
+@pytest.mark.parametrize("batch_size, drop_last", [(None, False), (7, False), (7, True)])
+def test_same_batches_as_the_per_sample_loop(align, batch_size, drop_last):
+    lengths = random_lengths(5000, seed=3)
+    budget = None if batch_size else BUDGET
+    for shuffle in (False, True):
+        sampler = BucketizeBatchSampler(lengths, **README, max_token_count=budget, batch_size=batch_size,
+                                        shuffle=shuffle, drop_last=drop_last, align_buckets=align, seed=11)
+        for epoch in (0, 1, 2):
+            sampler.set_epoch(epoch)
+            want = reference_batches(lengths, **README, budget=budget, batch_size=batch_size, shuffle=shuffle,
+                                     drop_last=drop_last, align=align, seed=11, epoch=epoch)
+            assert list(sampler) == want and [sampler[i] for i in range(len(sampler))] == want
+            for world in (1, 3):
+                for rank in range(world):
+                    generator = torch.Generator().manual_seed(5 + epoch)
+                    dealt = [want[i] for i in torch.randperm(len(want), generator=generator).tolist()]
+                    dealt += dealt[:-len(dealt) % world]  # pad to a multiple of world (upstream added a round more)
+                    dist_sampler = DistributedBatchSampler(sampler, world, rank, seed=5)
+                    dist_sampler.set_epoch(epoch)
+                    assert list(dist_sampler) == dealt[rank::world]

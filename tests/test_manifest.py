@@ -1,0 +1,74 @@
+"""Manifest: the TSV parsed in blocks into arrays, paths read back from the file, the existence check."""
+import pickle
+import re
+
+import numpy as np
+import pytest
+
+from dataset import manifest
+from dataset.manifest import Manifest
+
+
+def write_tsv(path, root, rows, end="\n"):
+    path.write_text(f"{root}\n" + "\n".join(f"{rel}\t{n}" for rel, n in rows) + end)
+    return path
+
+
+def test_blocks_cut_anywhere_give_the_same_list(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    rows = [(f"spk{i % 7}/ch{i % 3}/utt-{i}-{'x' * int(rng.integers(0, 30))}.flac", int(rng.integers(0, 10 ** 12)))
+            for i in range(500)]
+    rows += [("a.flac", 0), ("b.flac", 999999999999999999)]  # the widest count a line may hold: 18 digits
+    tsv = write_tsv(tmp_path / "x.tsv", "/data/root", rows, end="")  # and no final newline
+    for block in (7, 64, 1000, 1 << 24):  # smaller than a line, a few lines, many lines, the whole file
+        monkeypatch.setattr(manifest, "BLOCK", block)
+        m = Manifest(tsv)
+        assert m.root == "/data/root" and m.lengths.tolist() == [n for _, n in rows]
+        assert [m.audio_path(i) for i in range(len(m))] == [f"/data/root/{rel}" for rel, _ in rows]
+
+
+@pytest.mark.parametrize("line", ["a.flac 123", "a.flac\t12x", "a.flac\t", "a.flac\t1\t2", "a.flac\t-5",
+                                  "a.flac\t1234567890123456789", ""])
+def test_malformed_line_is_named(tmp_path, line):
+    tsv = tmp_path / "x.tsv"
+    tsv.write_text(f"/root\ngood.flac\t16000\n{line}\nalso.flac\t3\n")
+    want = "x.tsv:3: " + re.escape(f"expected '<relative path>\\t<num samples>', got {line!r}")
+    with pytest.raises(ValueError, match=want):
+        Manifest(tsv)
+
+
+def test_empty_or_missing_list(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.tsv: TSV file list not found"):
+        Manifest(tmp_path / "nope.tsv")
+    (tmp_path / "x.tsv").write_text("/root\n")
+    with pytest.raises(ValueError, match="x.tsv: lists no utterances"):
+        Manifest(tmp_path / "x.tsv")
+
+
+def test_pickled_copy_reads_paths_itself(tmp_path):
+    m = Manifest(write_tsv(tmp_path / "x.tsv", "/r", [("a.flac", 1), ("bb.flac", 2)]))
+    assert m.audio_path(1) == "/r/bb.flac"  # opens the file
+    copy = pickle.loads(pickle.dumps(m))
+    assert copy._fd is None and copy.audio_path(0) == "/r/a.flac"
+
+
+def test_long_lists_check_a_sample_of_their_files(tmp_path, monkeypatch):
+    (tmp_path / "audio").mkdir()
+    rows = [(f"{i}.flac", 1) for i in range(300)]
+    for i in range(300):
+        (tmp_path / "audio" / f"{i}.flac").touch()
+    tsv = write_tsv(tmp_path / "x.tsv", tmp_path / "audio", rows)
+    Manifest(tsv).check_files_exist()
+    (tmp_path / "audio" / "7.flac").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 listed audio file\(s\) do not exist, first: .*/7.flac"):
+        Manifest(tsv).check_files_exist()
+    monkeypatch.setattr(manifest, "CHECK_ALL_UP_TO", 100)
+    monkeypatch.setattr(manifest, "CHECK_SAMPLE", 20)
+    checked, exists = [], manifest.os.path.exists
+    monkeypatch.setattr(manifest.os.path, "exists", lambda p: checked.append(p) or exists(p))
+    Manifest(tsv).check_files_exist()  # 7.flac is not in the sample
+    assert len(checked) <= 22 and checked[0].endswith("/0.flac") and checked[-1].endswith("/299.flac")
+    for i in range(300):
+        (tmp_path / "audio" / f"{i}.flac").unlink(missing_ok=True)
+    with pytest.raises(FileNotFoundError, match=r"x.tsv: (\d+) of \1 checked audio file\(s\) do not exist"):
+        Manifest(tsv).check_files_exist()  # a moved corpus
