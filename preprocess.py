@@ -16,9 +16,10 @@ Iteration 2 (layer 6 of the iteration-1 model, 500 clusters fitted on 10 % of th
 The work is cut into --num-rank shards of the file lists, done one after the other (default), in parallel with
     python -m torch.distributed.run --standalone --nproc_per_node=N preprocess.py ...
 (process k does shards k+1, k+1+N, ...; process 0 fits k-means), or by jobs you spread yourself: --rank R does
-shard R of the stage that can run now (its k-means features, or once k-means is fitted its labels), a run
-without --rank fits k-means and finishes what is missing (--fit-only stops after the fit). Markers (*.done)
-hold a hash of each output's inputs: a re-run redoes only what is missing or stale.
+shard R of the stage that can run now (its k-means features, or once k-means is fitted its labels; it lists the
+corpus only if no file lists exist yet), a run without --rank lists it, fits k-means and finishes what is missing
+(--fit-only stops after the fit). Markers (*.done) hold a hash of each output's inputs: a re-run redoes only what
+is missing or stale.
 """
 import argparse
 import logging
@@ -245,7 +246,11 @@ def main(argv=None) -> None:
         format="%(asctime)s %(levelname)s %(funcName)s: %(message)s" if args.debug else "%(message)s")
     start_time = time.perf_counter()
     job = setup(args)
-    if job.rank == 0:
+    lists = [job.tsv_dir / f"{args.dataset}_{split}.tsv" for split in job.splits]
+    if args.rank and all(p.is_file() for p in lists):  # an array of jobs: lists (and checks) the corpus once
+        log.info("--rank %d uses the file lists in %s (a run without --rank lists the corpus again)", args.rank,
+                 job.tsv_dir)
+    elif job.rank == 0:
         listing = make_file_lists(job)
     barrier(job.world_size)
     plan = Plan.read(job)

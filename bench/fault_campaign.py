@@ -26,6 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,11 +99,19 @@ def kill_at(line, seconds: float) -> bool:
             return True
 
 
+def file_content(path: Path) -> bytes:
+    """A file's bytes; of a label line index, what it indexes (it also holds its label file's mtime)."""
+    if path.name.endswith(".index.npz"):
+        with np.load(path) as z:
+            return z["starts"].tobytes() + z["counts"].tobytes()
+    return path.read_bytes()
+
+
 def outputs(name: str, out: Path):
     """What must equal the reference: preprocess.py's files, or train/finetune's final update and weights."""
     if name.startswith("preprocess"):
         folder = next((out / "data").iterdir())
-        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+        return {p.relative_to(folder).as_posix(): file_content(p) for p in sorted(folder.rglob("*")) if p.is_file()}
     ckpt = load_checkpoint(out / CKPT_DIRS[name] / "last.ckpt")
     return {"global_step": ckpt["global_step"], **ckpt["state_dict"]}
 

@@ -16,6 +16,7 @@ import soundfile
 import torch
 from sklearn.cluster import MiniBatchKMeans
 
+from bench.fault_campaign import file_content
 from dataset.label_files import open_labels
 from preprocess import main, parse_args, pick_device
 from tests.numerics import assert_fp32_close
@@ -36,9 +37,8 @@ def run_args(root, exp, *extra):
 
 
 def files_of(folder):
-    """Name -> bytes of every file; label line indexes are caches keyed by their file's mtime: name only."""
-    return {p.relative_to(folder).as_posix(): b"" if p.name.endswith(".index.npz") else p.read_bytes()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Name -> bytes of every file (of a label line index: what it indexes; it also holds its file's mtime)."""
+    return {p.relative_to(folder).as_posix(): file_content(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def tsv_samples(data_dir, split):
@@ -204,7 +204,9 @@ def test_rank_jobs_then_resume_after_interruption(corpus, reference, tmp_path, c
     assert not (data / "km_model").exists()
     main(run_args(corpus, tmp_path, "--fit-only"))  # the other shards' features, then the fit
     assert (data / "km_model/model.done").is_file() and not (data / "label").exists()
+    listed = {p: p.stat().st_mtime_ns for p in (data / "tsv").iterdir()}
     main(run_args(corpus, tmp_path, "--rank", "2"))  # k-means is fitted: now shard 2's labels
+    assert {p: p.stat().st_mtime_ns for p in (data / "tsv").iterdir()} == listed  # a --rank job does not re-list
     assert sorted(p.name for p in (data / "label").iterdir()) == [
         "label_train_2_3.done", "label_train_2_3.part", "label_valid_2_3.done", "label_valid_2_3.part"]
     caplog.clear()
