@@ -12,6 +12,7 @@ import torch
 import train
 from tests.fixtures import make_prepared_dataset
 from tests.test_common_utils import make_corpus
+from tests.test_preprocess import files_of
 from utils.checkpoint import load_checkpoint
 from utils.feature_shards import load_shard
 
@@ -79,11 +80,7 @@ def test_preprocess_killed_and_rerun_gives_the_same_files(tmp_path):
     subprocess.run(cmd, cwd=REPO, env=ENV, check=True, capture_output=True)
     subprocess.run([*cmd[:-1], str(tmp_path / "straight")], cwd=REPO, env=ENV, check=True, capture_output=True)
 
-    def files(exp):
-        folder = exp / "data" / "mfcc"
-        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-    killed, straight = files(tmp_path / "killed"), files(tmp_path / "straight")
+    killed, straight = (files_of(tmp_path / run / "data" / "mfcc") for run in ("killed", "straight"))
     assert killed.keys() == straight.keys() and killed == straight
     assert not [name for name in killed if name.startswith(".") or "/." in name], "temp files left behind"
 
