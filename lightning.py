@@ -2,7 +2,7 @@
 normalisation, gradient accumulation, clipping, metrics reduced across ranks, and resumable data."""
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -13,7 +13,7 @@ from dataset import (BucketizeBatchSampler, CollateFnHubert, DistributedBatchSam
 from loss import compute_accuracy, compute_accuracy_static, hubert_loss, hubert_loss_static
 from model import FACTORIES, convert_conv_layout, convert_optimizer_state, convert_weight_norm
 from utils.checkpoint import align_loop_state, predates_resumable_data
-from utils.device import clip_grad_norm, hpu_graph_breaks, make_optimizer
+from utils.device import clip_grad_norm, draws_before_forward, hpu_graph_breaks, make_optimizer
 from utils.lr_schedule import LinearDecayLRScheduler
 
 SAMPLE_RATE = 16000
@@ -89,23 +89,25 @@ class HuBERTPreTrainModule(pl.LightningModule):
         sched = LinearDecayLRScheduler(opt, h.warmup_updates, h.max_updates)
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
-    def _step(self, batch) -> Tuple[Tensor, Tensor]:
+    def _step(self, batch, num_samples: List[int]) -> Tuple[Tensor, Tensor]:
         """Loss (summed over masked frames) and this batch's row of STATS."""
         waveforms, labels, lengths = batch
+        draws = self.model.draw(num_samples) if draws_before_forward(self.device) else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.hparams.use_autocast):
-            out = self._forward(waveforms, labels, lengths)
-            if self.static:
-                logits, mask_m, mask_u, pen = out
-                loss = hubert_loss_static(logits, mask_m, mask_u, pen, **self.loss_weights)
-                with torch.no_grad():
-                    correct_m, count_m = compute_accuracy_static(logits, mask_m)
-                    correct_u, count_u = compute_accuracy_static(logits, mask_u)
-            else:
-                logit_m, logit_u, pen = out
-                loss = hubert_loss(logit_m, logit_u, pen, **self.loss_weights)
-                with torch.no_grad():
-                    correct_m, count_m = compute_accuracy(logit_m)
-                    correct_u, count_u = compute_accuracy(logit_u)
+            out = self._forward(waveforms, labels, lengths, draws)
+        # The loss outside autocast, from fp32 logits and penalty: Habana's op lists would sum it in bf16.
+        if self.static:
+            logits, mask_m, mask_u, pen = out
+            loss = hubert_loss_static(logits, mask_m, mask_u, pen, **self.loss_weights)
+            with torch.no_grad():
+                correct_m, count_m = compute_accuracy_static(logits, mask_m)
+                correct_u, count_u = compute_accuracy_static(logits, mask_u)
+        else:
+            logit_m, logit_u, pen = out
+            loss = hubert_loss(logit_m, logit_u, pen, **self.loss_weights)
+            with torch.no_grad():
+                correct_m, count_m = compute_accuracy(logit_m)
+                correct_u, count_u = compute_accuracy(logit_u)
         row = torch.stack([loss.detach(), count_m, correct_m, count_u, correct_u]).float()
         return loss, row
 
@@ -114,7 +116,7 @@ class HuBERTPreTrainModule(pl.LightningModule):
             raise RuntimeError(f"the loader is at epoch {batch.epoch} update {batch.position}, the training loop at "
                                f"epoch {self.current_epoch} update {batch_idx}: the data would not resume exactly")
         opt = self.optimizers()
-        totals = self._accumulate(batch.micro_batches, opt)
+        totals = self._accumulate(batch, opt)
         stepped = totals is not None and self._optimizer_step(opt)
         opt.zero_grad(set_to_none=True)
         self._loaders["train"].consumed(batch)  # a checkpoint from now on resumes after this update
@@ -125,22 +127,23 @@ class HuBERTPreTrainModule(pl.LightningModule):
         self._log_train(totals)
         return totals[0] / totals[1]
 
-    def _accumulate(self, micro_batches, opt) -> Optional[Tensor]:
+    def _accumulate(self, update: UpdateBatch, opt) -> Optional[Tensor]:
         """Forward and backward of every micro-batch; their STATS row plus audio seconds, summed over
         micro-batches and ranks, or None as soon as some rank's loss is not finite (every rank stops there)."""
         h = self.hparams
         totals = []
-        for micro, micro_batch in enumerate(micro_batches):
+        for micro, (micro_batch, num_samples) in enumerate(zip(update.micro_batches, update.num_samples)):
             torch.manual_seed(hash((h.seed, self.global_step, micro, self.global_rank)) & 0xFFFF_FFFF)
-            with opt.toggle_model(sync_grad=micro == len(micro_batches) - 1):  # DDP all-reduces after the last
-                loss, row = self._step(micro_batch)
+            last = micro == len(update.micro_batches) - 1
+            with opt.toggle_model(sync_grad=last):  # DDP all-reduces after the last
+                loss, row = self._step(micro_batch, num_samples)
                 audio = micro_batch[2].sum().float() / SAMPLE_RATE
                 local = torch.cat([row, audio[None], torch.isfinite(loss.detach()).float()[None]])
                 gathered = self.all_gather(local).reshape(-1, len(local))  # (world_size, ...)
                 total = gathered.sum(0)
                 if total[-1] < len(gathered):
                     return None
-                self.manual_backward(loss * len(gathered) / total[1] / len(micro_batches))
+                self.manual_backward(loss * len(gathered) / total[1] / len(update.micro_batches))
             totals.append(total)
         return torch.stack(totals).sum(0)
 
@@ -179,7 +182,7 @@ class HuBERTPreTrainModule(pl.LightningModule):
     def validation_step(self, batch: UpdateBatch, batch_idx):
         # The same masks (and crops) at every validation: val_loss moves only with the model.
         torch.manual_seed(hash((self.hparams.seed, -1, batch.position, self.global_rank)) & 0xFFFF_FFFF)
-        _, row = self._step(batch.micro_batches[0])
+        _, row = self._step(batch.micro_batches[0], batch.num_samples[0])
         self.stats["val"] = self.stats["val"].to(row) + torch.where(torch.isfinite(row[0]), row, 0.0)
         return row[0]
 

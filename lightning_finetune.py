@@ -1,7 +1,7 @@
 """The CTC fine-tuning LightningModule (spec §11.1, upstream's ``HuBERTFineTuneModule``): a pre-trained HuBERT
 plus a linear CTC head (``aux``) over characters, manual optimisation, loss normalised by the global batch
 size, greedy CER/WER at validation."""
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -9,11 +9,11 @@ from torch import Tensor, nn
 
 from dataset import (BucketizeBatchSampler, DistributedBatchSampler, TranscribedAudio, UpdateBatch, UpdateLoader,
                      collate_ctc, list_utterances)
-from model import FACTORIES
+from model import FACTORIES, Draws
 from model.components import get_padding_mask
 from utils.checkpoint import align_loop_state, load_pretrained_model, predates_resumable_data
 from utils.ctc import VOCAB, ErrorCounts, greedy_decode, ids_to_text
-from utils.device import clip_grad_norm, make_optimizer
+from utils.device import clip_grad_norm, draws_before_forward, make_optimizer
 from utils.lr_schedule import TriStageLRScheduler
 
 SAMPLE_RATE = 16000
@@ -82,8 +82,9 @@ class HuBERTFineTuneModule(pl.LightningModule):
     def encoder_frozen(self) -> bool:
         return self.global_step < self.hparams.freeze_encoder_updates
 
-    def forward(self, waveforms: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
-        """Log-probabilities ``(T, B, V)`` in float32 and frame lengths ``(B,)``."""
+    def forward(self, waveforms: Tensor, lengths: Tensor, draws: Optional[Draws] = None) -> Tuple[Tensor, Tensor]:
+        """Log-probabilities ``(T, B, V)`` in float32 and frame lengths ``(B,)``; masks and layer drops from
+        ``draws`` (``self.model.draw``) if given, else drawn as they come."""
         wav2vec2 = self.model.wav2vec2
         with torch.no_grad():
             x, out_len = wav2vec2.feature_extractor(waveforms, lengths)
@@ -91,16 +92,19 @@ class HuBERTFineTuneModule(pl.LightningModule):
             padding_mask = get_padding_mask(x, out_len)
             x, attention_mask = wav2vec2.encoder._preprocess(x, out_len)
             if self.training:
-                x, _ = self.model.mask_generator(x, padding_mask)
-            x = wav2vec2.encoder.transformer(x, attention_mask=attention_mask)
+                x, _ = self.model.mask_generator(x, padding_mask, None if draws is None else draws[:2])
+            x = wav2vec2.encoder.transformer(x, attention_mask, None if draws is None else draws.dropped)
         logits = self.aux(x)
         return nn.functional.log_softmax(logits.float(), dim=-1).transpose(0, 1), out_len
 
-    def _step(self, batch) -> Tuple[Tensor, Tensor, Tensor]:
-        """(summed CTC loss, log-probabilities, frame lengths)."""
+    def _step(self, batch, num_samples: Optional[List[int]] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """(summed CTC loss, log-probabilities, frame lengths); ``num_samples``: the audio lengths on the host."""
         waveforms, labels, lengths, label_lengths = batch
+        draws = None
+        if self.training and num_samples is not None and draws_before_forward(self.device):
+            draws = self.model.draw(num_samples)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.hparams.use_autocast):
-            log_probs, out_len = self(waveforms, lengths)
+            log_probs, out_len = self(waveforms, lengths, draws)
         return self.ctc_loss(log_probs, labels, out_len, label_lengths), log_probs, out_len
 
     # ---- optimisation ---------------------------------------------------------------------------------
@@ -120,7 +124,7 @@ class HuBERTFineTuneModule(pl.LightningModule):
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         batch = update.micro_batches[0]
-        loss, _, _ = self._step(batch)
+        loss, _, _ = self._step(batch, update.num_samples[0])
         local = torch.stack([loss.detach().float(), torch.tensor(float(len(batch[0])), device=self.device),
                              torch.isfinite(loss.detach()).float()])
         gathered = self.all_gather(local).reshape(-1, len(local))  # (world_size, 3)

@@ -7,8 +7,8 @@ What one rank of an 8-rank run builds before its first update, as lightning.py d
 file, label-count and label-range checks), BucketizeBatchSampler (1000 buckets, 87.5 s per batch, upstream's),
 DistributedBatchSampler (rank 0 of 8), UpdateLoader, then the first update's plan and its labels. Each
 measurement runs in a fresh process: start-up is the wall time of that; memory is the process's RSS (peak, and
-after) beyond what importing torch and the packages took, and its private share (USS: what each further rank
-on the node adds; the rest is page cache of the files, shared by the ranks).
+after) beyond what importing torch and the packages took, and its private share (USS; file pages that only this
+process maps count as private too, so for memory-mapped labels it is an upper bound of what a further rank adds).
 
 Simulated corpora, kept in --work between runs: utterance lengths as bench/data_path.py's LibriSpeech-like ones
 (281,241 utterances at 960 h, 17.6 M at 60 k h), every TSV line naming one shared file under a path as long as

@@ -20,6 +20,7 @@ class UpdateBatch(NamedTuple):
     epoch: int
     position: int  # index of this update in its epoch
     micro_batches: List[MicroBatch]
+    num_samples: List[List[int]]  # each micro-batch's audio lengths on the host (Lightning moves the tensors)
 
 
 class UpdatePlan(NamedTuple):
@@ -109,7 +110,7 @@ class UpdateDataset(Dataset):
             key = hash((self.seed, plan.epoch, plan.position, micro, plan.rank)) & 0xFFFF_FFFF
             generator = torch.Generator().manual_seed(key)
             micro_batches.append(self.collate([self.dataset[i] for i in indices], generator=generator))
-        return UpdateBatch(plan.epoch, plan.position, micro_batches)
+        return UpdateBatch(plan.epoch, plan.position, micro_batches, [batch[2].tolist() for batch in micro_batches])
 
 
 class UpdateLoader(DataLoader):

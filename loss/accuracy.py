@@ -16,7 +16,8 @@ def _correct(logits: Tensor) -> Tensor:
 
 def compute_accuracy(logits: Tensor) -> Tuple[Tensor, Tensor]:
     """Accuracy counts of the selected frames' logits ``(N, C+1)`` (dynamic path)."""
-    return _correct(logits).sum(), torch.tensor(logits.shape[0], device=logits.device)
+    # A fill on the device, not torch.tensor(n, device=...): that copies from the host and waits (CUDA).
+    return _correct(logits).sum(), torch.full((), logits.shape[0], dtype=torch.long, device=logits.device)
 
 
 def compute_accuracy_static(logits: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:

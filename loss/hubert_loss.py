@@ -8,8 +8,7 @@ from torch.nn import functional as F
 
 
 def _ce_sum(logits: Tensor) -> Tensor:
-    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device),
-                           reduction="sum")
+    return F.cross_entropy(logits, logits.new_zeros(logits.shape[:1], dtype=torch.long), reduction="sum")
 
 
 def hubert_loss(

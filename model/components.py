@@ -53,6 +53,13 @@ class FeatureExtractor(nn.Module):
         self.conv_layers = conv_layers
         self.use_conv2d = use_conv2d
 
+    def frame_lengths(self, num_samples: List[int]) -> List[int]:
+        """Frame counts of utterances of ``num_samples`` samples, on the host: what ``forward`` computes on the
+        device for its ``length``."""
+        for layer in self.conv_layers:
+            num_samples = [max((n - layer.kernel_size) // layer.stride + 1, 0) for n in num_samples]
+        return num_samples
+
     def forward(self, x: Tensor, length: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
         if x.ndim != 2:
             raise ValueError(f"Expected the input Tensor to be 2D (batch, time). Found: {list(x.shape)}")
@@ -199,18 +206,38 @@ class Transformer(nn.Module):
             x = self.layer_norm(x)
         return self.dropout(x)
 
-    def forward(self, x: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+    def draw(self) -> Optional[Tensor]:
+        """Which layers layer drop skips in a training forward (CPU bools; a number per layer, drawn as the
+        forward draws them); None outside training."""
+        if not self.training:
+            return None
+        draws = torch.cat([torch.rand(1) for _ in self.layers]) if len(self.layers) else torch.zeros(0)
+        return (draws <= self.layer_drop) & (self.layer_drop > 0)
+
+    def forward(self, x: Tensor, attention_mask: Optional[Tensor] = None, dropped: Optional[Tensor] = None) -> Tensor:
+        """``dropped``: the layers to skip, drawn beforehand (``draw``); else each layer draws as it comes. Static
+        layer drop takes them as one device tensor (a single copy, and one compiled graph for every pattern)."""
         x = self._preprocess(x)
         drop_layers = self.training and self.layer_drop > 0
-        for layer in self.layers:
-            dropped = False
-            if self.training:
+        on_device: Optional[Tensor] = None
+        host: List[bool] = []
+        if dropped is not None and drop_layers:
+            if self.static_layerdrop:
+                on_device = dropped.to(x.device, non_blocking=True)
+            else:
+                host = torch.jit.annotate(List[bool], dropped.tolist())
+        for i, layer in enumerate(self.layers):
+            skip = False
+            if dropped is not None:
+                skip = len(host) > 0 and host[i]
+            elif self.training:
                 draw = torch.rand(1)
-                dropped = drop_layers and draw.item() <= self.layer_drop
+                skip = drop_layers and draw.item() <= self.layer_drop
             if self.static_layerdrop and drop_layers:
                 y = layer(x, attention_mask)
-                x = torch.where(torch.tensor(dropped, device=x.device), x, y)
-            elif not dropped:
+                drop = on_device[i] if on_device is not None else torch.tensor(skip, device=x.device)
+                x = torch.where(drop, x, y)
+            elif not skip:
                 x = layer(x, attention_mask)
         if not self.layer_norm_first:
             x = self.layer_norm(x)

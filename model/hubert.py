@@ -5,7 +5,7 @@ off by default); the factories carry the upstream hyperparameters. ``model.confi
 so a checkpoint can rebuild the exact model.
 """
 import math
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +42,13 @@ class Wav2Vec2Model(nn.Module):
         return x, lengths
 
 
+class Draws(NamedTuple):
+    """Host-side random choices of one training forward (``HuBERTPretrainModel.draw``)."""
+    mask: Optional[Tensor]  # (B, T) bool span mask on the CPU; None without span masking
+    channels: Optional[Tensor]  # (B, C) bool channel mask on the CPU (fine-tuning); None without
+    dropped: Optional[Tensor]  # (num_layers,) bool on the CPU, the layers layer drop skips; None outside training
+
+
 class HuBERTPretrainModel(nn.Module):
     """Masked prediction of cluster labels.
 
@@ -62,7 +69,18 @@ class HuBERTPretrainModel(nn.Module):
         self.static_logit_generator = static_logit_generator
         self.config: dict = {}
 
-    def forward(self, waveforms: Tensor, labels: Tensor, audio_lengths: Optional[Tensor] = None):
+    def draw(self, num_samples: List[int]) -> Draws:
+        """The random choices a training forward makes on the host, for a batch of utterances of ``num_samples``
+        samples (padded to the longest), drawn now from the CPU generator in the forward's order: span masks,
+        then a number per layer. Given to ``forward``, it copies no mask to the host and calls no ``.item()``
+        per layer (no device sync, no compiled-graph break). The same numbers as the forward would draw where
+        nothing else uses the CPU generator in between (a GPU or HPU model; on CPU, dropout draws from it too)."""
+        frames = self.wav2vec2.feature_extractor.frame_lengths(num_samples)
+        shape = (len(frames), max(frames), self.wav2vec2.encoder.feature_projection.projection.out_features)
+        return Draws(*self.mask_generator.draw(shape, frames), self.wav2vec2.encoder.transformer.draw())
+
+    def forward(self, waveforms: Tensor, labels: Tensor, audio_lengths: Optional[Tensor] = None,
+                draws: Optional[Draws] = None):
         x, lengths = self.wav2vec2.feature_extractor(waveforms, audio_lengths)
         if labels.shape[1] != x.shape[1]:
             raise ValueError(
@@ -75,8 +93,8 @@ class HuBERTPretrainModel(nn.Module):
         features_pen = at_least_fp32(x).pow(2).mean()
         padding_mask = components.get_padding_mask(x, lengths) if lengths is not None else None
         x, attention_mask = self.wav2vec2.encoder._preprocess(x, lengths)
-        x, mask = self.mask_generator(x, padding_mask)
-        x = self.wav2vec2.encoder.transformer(x, attention_mask=attention_mask)
+        x, mask = self.mask_generator(x, padding_mask, None if draws is None else draws[:2])
+        x = self.wav2vec2.encoder.transformer(x, attention_mask, None if draws is None else draws.dropped)
         if mask is None:
             mask = torch.zeros_like(labels, dtype=torch.bool)
         if padding_mask is not None:

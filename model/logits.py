@@ -4,8 +4,9 @@ Upstream builds a ``(C+1, N, F)`` tensor (the target embedding plus every class)
 ``cosine_similarity``. The same function is one normalised ``(N, F) @ (F, C)`` matmul: the target column
 is gathered from it and moved to the front, and every class whose embedding equals the target's is set to
 ``-inf`` (the target's own column included), so cross entropy with target index 0 is a softmax over the
-``C`` classes. Computed in fp32 even under autocast, as upstream (in float64 for a float64 model, where
-upstream's ``.float()`` would round it to fp32).
+``C`` classes. Computed and returned in fp32 even under autocast (in float64 for a float64 model, where
+upstream's ``.float()`` would round it to fp32); upstream cast them back to the autocast dtype, which in bf16
+rounds logits near 10 to steps of 0.0625 and makes ties that count as correct predictions.
 """
 import math
 from typing import Optional, Tuple
@@ -43,7 +44,7 @@ def compute_logits(proj_x: Tensor, target: Tensor, label_embeddings: Tensor, spl
             same = (label_embeddings[:, None, :] == label_embeddings[None, :, :]).all(-1)
         neg_is_pos = same[target]
         logits = torch.where(neg_is_pos, float("-inf"), logits)
-        return torch.cat([pos, logits], dim=1).type_as(proj_x)
+        return torch.cat([pos, logits], dim=1)
 
 
 class LogitGenerator(nn.Module):
@@ -73,10 +74,13 @@ class LogitGenerator(nn.Module):
         """Logits of the masked and of the unmasked frames, ``(N_m, C + 1)`` and ``(N_u, C + 1)``."""
         proj_x = self.final_proj(x)
         logit_m = logit_u = None
+        # One nonzero per mask (a device sync each), shared by the frames and their labels.
         if not self.skip_masked:
-            logit_m = compute_logits(proj_x[mask_m], label[mask_m], self.label_embeddings, self.split_logits)
+            idx = mask_m.nonzero(as_tuple=True)
+            logit_m = compute_logits(proj_x[idx], label[idx], self.label_embeddings, self.split_logits)
         if not self.skip_nomask:
-            logit_u = compute_logits(proj_x[mask_u], label[mask_u], self.label_embeddings, self.split_logits)
+            idx = mask_u.nonzero(as_tuple=True)
+            logit_u = compute_logits(proj_x[idx], label[idx], self.label_embeddings, self.split_logits)
         return logit_m, logit_u
 
     def all_frames(self, x: Tensor, label: Tensor) -> Tensor:

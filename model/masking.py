@@ -3,7 +3,7 @@
 ``compute_mask_indices`` makes exactly the random draws of torchaudio's ``_compute_mask_indices`` in the
 same order (so a seed gives the same masks), with the span expansion vectorised.
 """
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -32,24 +32,26 @@ def compute_mask_indices(
     mask_other: float = 0.0,
     min_masks: int = 0,
     no_overlap: bool = False,
+    sizes: Optional[Sequence[int]] = None,
 ) -> Tensor:
     """Boolean ``(B, T)`` mask on CPU with the same number of masked frames in every row.
 
     Per row: ``num_mask = int(mask_prob * sz / mask_length + U[0,1))`` span starts (at least ``min_masks``)
     drawn without replacement, each covering ``mask_length`` frames; overlapping spans merge, then rows are
-    subsampled to the smallest row count. ``sz`` is the unpadded length of the row.
+    subsampled to the smallest row count. ``sz`` is the unpadded length of the row: from ``sizes`` where the
+    caller knows them on the host, else from ``padding_mask`` (copied to the host: a device sync).
     """
     if no_overlap:
         raise ValueError("no_overlap=True span masking is not supported (HuBERT uses overlapping spans)")
     batch_size, frame = shape
     mask = torch.zeros((batch_size, frame), dtype=torch.bool)
     all_num_mask = max(min_masks, int(mask_prob * frame / float(mask_length) + torch.rand(1)))
-    if padding_mask is not None:
+    if sizes is None and padding_mask is not None:
         sizes = (frame - padding_mask.cpu().long().sum(1)).tolist()
 
     mask_idcs = []
     for i in range(batch_size):
-        if padding_mask is not None:
+        if sizes is not None:
             sz = sizes[i]
             num_mask = max(min_masks, int(mask_prob * sz / float(mask_length) + torch.rand(1)))
         else:
@@ -104,23 +106,35 @@ class MaskGenerator(nn.Module):
         self.mask_embedding = nn.Parameter(torch.empty(encoder_embed_dim))
         nn.init.uniform_(self.mask_embedding)
 
-    def forward(self, x: Tensor, padding_mask: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
-        B, T, C = x.shape
-        mask_indices = None
+    def draw(self, shape: Tuple[int, int, int], sizes: Optional[Sequence[int]] = None
+             ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """The span mask ``(B, T)`` and channel mask ``(B, C)`` (CPU; None where that masking is off) that
+        ``forward`` would draw for ``x`` of ``shape`` whose rows have ``sizes`` unpadded frames."""
+        B, T, C = shape
+        mask = channels = None
         if self.mask_prob > 0:
-            mask_indices = compute_mask_indices(
-                (B, T), padding_mask, self.mask_prob, self.mask_length, self.mask_selection, self.mask_other,
-                min_masks=2, no_overlap=self.no_mask_overlap,
-            ).to(x.device)
+            mask = compute_mask_indices((B, T), None, self.mask_prob, self.mask_length, self.mask_selection,
+                                        self.mask_other, min_masks=2, no_overlap=self.no_mask_overlap, sizes=sizes)
+        if self.mask_channel_prob > 0:
+            channels = compute_mask_indices((B, C), None, self.mask_channel_prob, self.mask_channel_length,
+                                            self.mask_channel_selection, self.mask_channel_other,
+                                            no_overlap=self.no_mask_channel_overlap)
+        return mask, channels
+
+    def forward(self, x: Tensor, padding_mask: Optional[Tensor],
+                drawn: Optional[Tuple[Optional[Tensor], Optional[Tensor]]] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """Masks ``x`` with the masks ``drawn`` beforehand (``draw``), else draws them now."""
+        if drawn is None:
+            T = x.shape[1]
+            sizes = None if padding_mask is None else (T - padding_mask.cpu().long().sum(1)).tolist()
+            drawn = self.draw(x.shape, sizes)
+        mask_indices, channels = (m if m is None else m.to(x.device, non_blocking=True) for m in drawn)
+        if mask_indices is not None:
             embedding = self.mask_embedding.to(x.dtype)
             if self.static_indexing:
                 x = torch.where(mask_indices[..., None], embedding, x)
             else:
                 x[mask_indices] = embedding
-        if self.mask_channel_prob > 0:
-            channels = compute_mask_indices(
-                (B, C), None, self.mask_channel_prob, self.mask_channel_length, self.mask_channel_selection,
-                self.mask_channel_other, no_overlap=self.no_mask_channel_overlap,
-            ).to(x.device)
+        if channels is not None:
             x = torch.where(channels[:, None, :], 0.0, x)
         return x, mask_indices

@@ -196,3 +196,14 @@ def test_fault_campaign_kills_and_reruns_preprocess(tmp_path, capsys):
     trials = results["preprocess_mfcc"]
     assert len(trials) == 2 and all(t["rerun_ok"] and t["identical"] and not t["leftovers"] for t in trials), trials
     assert "| preprocess_mfcc |" in capsys.readouterr().out
+
+
+def test_data_scale_measures_both_label_formats(tmp_path):
+    """Tiny corpora (0.5 h and 1 h); each row a fresh process; the text index is built, then read."""
+    result = subprocess.run([sys.executable, "bench/data_scale.py", "--hours", "0.5", "1", "--work", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split() for line in result.stdout.splitlines()[1:]]
+    assert [row[:4] for row in rows] == [[h, n, fmt, run] for h, n in (("0.5", "146"), ("1", "293"))
+                                         for fmt, run in (("text", "first"), ("text", "again"), ("npy", "first"))]
+    assert all(float(row[4]) < 30 and float(row[5]) < 1000 for row in rows)  # seconds, MB: a tiny corpus

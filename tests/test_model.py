@@ -207,6 +207,27 @@ def test_static_layerdrop_same_outputs_and_gradients_as_dynamic():
         assert_same_math(grads[1][name], grads[0][name], msg=name)
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_choices_drawn_beforehand_are_the_forwards_own(static):
+    """model.draw (what lightning.py does off the CPU) gives the masks and layer drops the forward would draw:
+    with deterministic dropouts nothing else uses the CPU generator, so the outputs are the same."""
+    flags = dict(static_layerdrop=True, static_indexing=True, static_logit_generator=True) if static else {}
+    model = hubert_pretrain_model(**{**SMALL, "encoder_layer_drop": 0.5}, all_deterministic=True, **flags).double()
+    waveforms, labels, lengths = make_batch(20, seed=2, dtype=torch.float64)
+    torch.manual_seed(4)
+    inline = model(waveforms, labels, lengths)
+    state = torch.get_rng_state()
+    torch.manual_seed(4)
+    draws = model.draw(lengths.tolist())
+    assert torch.equal(torch.get_rng_state(), state)  # the same numbers of the same kinds
+    assert draws.mask.shape == labels.shape and draws.dropped.sum() not in (0, len(draws.dropped))
+    beforehand = model(waveforms, labels, lengths, draws)
+    for a, b in zip(inline, beforehand):
+        assert torch.equal(a, b)
+    model.eval()
+    assert model.draw(lengths.tolist()).dropped is None
+
+
 def test_label_length_mismatch_is_a_clear_error():
     model = hubert_pretrain_model(**SMALL)
     waveforms, labels, lengths = make_batch(20)
@@ -338,3 +359,17 @@ def test_tiny_masks_five_frame_spans():
     """The tiny recipe's span length (docs/real_speech.md); upstream's sizes keep 10."""
     assert hubert_pretrain_tiny().mask_generator.mask_length == 5
     assert hubert_pretrain_base().mask_generator.mask_length == 10
+
+
+def test_static_training_forward_with_its_draws_is_one_compiled_graph():
+    """lightning.py off the CPU: masks and layer drops drawn beforehand, so --all-static --compile traces the
+    training forward without a break (drawing inline: a break at the mask and at every layer's .item())."""
+    model = hubert_pretrain_tiny(static_layerdrop=True, static_indexing=True, static_logit_generator=True)
+    waveforms, labels, lengths = make_batch(100)
+    torch._dynamo.reset()
+    try:
+        draws = model.draw(lengths.tolist())
+        assert torch._dynamo.explain(model)(waveforms, labels, lengths, draws).graph_break_count == 0
+        assert torch._dynamo.explain(model)(waveforms, labels, lengths).graph_break_count > 0
+    finally:
+        torch._dynamo.reset()

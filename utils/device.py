@@ -216,6 +216,15 @@ def hpu_accelerator_and_strategy(devices: int, num_nodes: int, single: bool, fin
                                             find_unused_parameters=find_unused_parameters)
 
 
+def draws_before_forward(device: torch.device) -> bool:
+    """Whether a training step draws its masks and layer drops before the forward (``model.draw``): off the CPU,
+    where nothing else draws from the CPU generator during the forward (dropout uses the device's), so the numbers
+    are the forward's own, without its host syncs (the mask built after copying the padding mask back, an
+    ``.item()`` per layer) and compiled-graph breaks. On the CPU dropout draws from it too, so the forward draws,
+    in torchaudio's order."""
+    return device.type != "cpu"
+
+
 def make_optimizer(name: str, params, lr: float, betas, eps: float, weight_decay: float, device_type: str):
     """``adamw``: torch AdamW. ``fusedadamw``: Habana FusedAdamW on HPU, ``AdamW(fused=True)`` elsewhere
     (fused CUDA/CPU kernels, same update)."""

@@ -16,7 +16,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import soundfile
 import torch
 import torchaudio
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from utils.checkpoint import load_pretrained_model
@@ -145,19 +145,17 @@ def hubert_extractor(checkpoint_path, layer_index: int, device) -> Extractor:
         raise ValueError(f"--layer-index {layer_index} is out of range: {checkpoint_path} has {num_layers} "
                          "transformer layers (1-based; 0 is their input)")
     wav2vec2 = model.wav2vec2.to(device).eval()
-
-    def extract(waveform: Tensor) -> Tensor:
-        with torch.inference_mode():
-            layers, _ = wav2vec2.extract_features(waveform[None].to(device), num_layers=layer_index)
-        return layers[-1][0].float().cpu()
-
-    def frames(num_samples: int) -> int:
-        for conv in wav2vec2.feature_extractor.conv_layers:
-            num_samples = max(0, (num_samples - conv.kernel_size) // conv.stride + 1)
-        return num_samples
-
     description = f"hubert layer {layer_index} of checkpoint sha256 {file_sha256(checkpoint_path)}"
-    return Extractor(extract, model.config["encoder_embed_dim"], description, frames)
+    return Extractor(lambda waveform: layer_features(wav2vec2, waveform, layer_index, device),
+                     model.config["encoder_embed_dim"], description,
+                     lambda num_samples: wav2vec2.feature_extractor.frame_lengths([num_samples])[0])
+
+
+def layer_features(wav2vec2: nn.Module, waveform: Tensor, layer_index: int, device) -> Tensor:
+    """(T, D) float32 on the CPU: layer ``layer_index`` of ``wav2vec2`` (on ``device``) for a (N,) waveform."""
+    with torch.inference_mode():
+        layers, _ = wav2vec2.extract_features(waveform[None].to(device), num_layers=layer_index)
+    return layers[-1][0].float().cpu()
 
 
 def feature_key(shard: Shard, extractor: Extractor, keep: Optional[Sequence[int]] = None) -> str:
