@@ -26,6 +26,7 @@ from dataset import find_subset, list_utterances
 from utils.checkpoint import load_finetuned_model
 from utils.common_utils import atomic_write
 from utils.ctc import VOCAB, ErrorCounts, greedy_decode, normalise, spells_words
+from utils.device import cuda_hint
 from utils.feature_utils import load_audio
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ def main(argv=None) -> List[tuple]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO)
     device = "cuda" if args.use_gpu else "cpu"
+    if args.use_gpu and not torch.cuda.is_available():
+        raise SystemExit(f"evaluate.py: error: --use-gpu, but torch sees no CUDA GPU{cuda_hint()}")
     try:
         model, vocab = load_finetuned_model(args.checkpoint)
         subsets = ([(d.name, d) for d in args.data_dir] if args.data_dir else

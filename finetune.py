@@ -20,6 +20,7 @@ import logging
 import time
 from pathlib import Path
 
+import utils.habana_env  # noqa: F401  (first: Habana's autocast op lists, set before torch loads)
 import pytorch_lightning as pl
 
 import train

@@ -49,7 +49,7 @@ class HuBERTPreTrainModule(pl.LightningModule):
                  split_logits: bool = False, optimizer_str: str = "adamw", use_autocast: bool = False,
                  save_1d_ckpt: bool = False, num_workers: int = 10, seed: int = 1337,
                  loss_weights: Tuple[float, float, float] = (1.0, 0.0, 10.0), model_args: Optional[dict] = None,
-                 use_compile: bool = False, legacy_weight_norm: bool = False):
+                 use_compile: bool = False, compile_backend: str = "inductor", legacy_weight_norm: bool = False):
         super().__init__()
         self.save_hyperparameters()
         flags = dict(use_conv2d=use_conv2d, use_instancenorm=use_instancenorm, static_indexing=static_indexing,
@@ -69,7 +69,8 @@ class HuBERTPreTrainModule(pl.LightningModule):
         # Every bucket shape compiles once; torch's default limit (8) would send the rest back to eager.
         if use_compile:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        object.__setattr__(self, "_forward", torch.compile(self.model) if use_compile else self.model)
+        forward = torch.compile(self.model, backend=compile_backend) if use_compile else self.model
+        object.__setattr__(self, "_forward", forward)
         masked, unmasked, feature = loss_weights
         self.loss_weights = dict(masked_weight=masked, unmasked_weight=unmasked, feature_weight=feature)
         self.automatic_optimization = False

@@ -13,7 +13,7 @@ from model import FACTORIES, Draws
 from model.components import get_padding_mask
 from utils.checkpoint import align_loop_state, load_pretrained_model, predates_resumable_data
 from utils.ctc import VOCAB, ErrorCounts, greedy_decode, ids_to_text
-from utils.device import clip_grad_norm, draws_before_forward, make_optimizer
+from utils.device import clip_grad_norm, draws_before_forward, make_optimizer, reduce_dtype
 from utils.lr_schedule import TriStageLRScheduler
 
 SAMPLE_RATE = 16000
@@ -125,8 +125,8 @@ class HuBERTFineTuneModule(pl.LightningModule):
         opt.zero_grad(set_to_none=True)
         batch = update.micro_batches[0]
         loss, _, _ = self._step(batch, update.num_samples[0])
-        local = torch.stack([loss.detach().float(), torch.tensor(float(len(batch[0])), device=self.device),
-                             torch.isfinite(loss.detach()).float()])
+        local = torch.stack([loss.detach().float(), torch.full((), float(len(batch[0])), device=self.device),
+                             torch.isfinite(loss.detach()).float()])  # a fill, not a host-to-device copy
         gathered = self.all_gather(local).reshape(-1, len(local))  # (world_size, 3)
         total = gathered.sum(0)
         self._loaders["train"].consumed(update)  # a checkpoint from now on resumes after this batch
@@ -144,7 +144,7 @@ class HuBERTFineTuneModule(pl.LightningModule):
         return loss.detach()
 
     def _log_train(self, total: Tensor) -> None:
-        self.stats["train"][:2] += total[:2].double().cpu()
+        self.stats["train"][:2] += total[:2].cpu().double()  # float64 on the host only (HPU: not verified)
         loss, utterances = self.stats["train"][:2]
         self.log("train_loss_step", float(total[0] / total[1]))
         self.log("train_loss", float(loss / utterances), prog_bar=True)
@@ -155,13 +155,14 @@ class HuBERTFineTuneModule(pl.LightningModule):
     # ---- validation -----------------------------------------------------------------------------------
     def validation_step(self, update: UpdateBatch, batch_idx):
         batch = update.micro_batches[0]
-        _, labels, _, label_lengths = batch
         loss, log_probs, out_len = self._step(batch)
+        # To the host once per batch, not three times per utterance.
+        labels, label_lengths, out_len, log_probs = (t.cpu() for t in (batch[1], batch[3], out_len, log_probs))
         counts = ErrorCounts()
         for i in range(len(labels)):
             reference = ids_to_text(labels[i, :label_lengths[i]].tolist(), self.hparams.vocab)
             counts.add(reference, greedy_decode(log_probs[:, i], int(out_len[i]), self.hparams.vocab))
-        loss = loss.detach().double().cpu()
+        loss = loss.detach().cpu().double()
         row = torch.tensor([loss if torch.isfinite(loss) else 0.0, len(labels), counts.char_errors, counts.chars,
                             counts.word_errors, counts.words], dtype=torch.float64)
         self.stats["val"] += row
@@ -171,7 +172,8 @@ class HuBERTFineTuneModule(pl.LightningModule):
         self.stats["val"].zero_()
 
     def on_validation_epoch_end(self):
-        total = self.trainer.strategy.reduce(self.stats["val"].to(self.device), reduce_op="sum")
+        total = self.trainer.strategy.reduce(self.stats["val"].to(self.device, reduce_dtype(self.device)),
+                                             reduce_op="sum")
         loss, utterances, char_errors, chars, word_errors, words = total.tolist()
         # Already global: sync_dist only keeps Lightning's epoch-level bookkeeping consistent across ranks.
         self.log("val_loss", loss / max(utterances, 1), sync_dist=True)

@@ -221,7 +221,8 @@ def write_label_parts(job: Job, plan: Plan) -> None:
     centers, model_key = load_centers(job.km_dir, job.device), file_sha256(job.km_dir / "model.pt")
     fmt = job.args.label_format
     for split in job.splits:
-        if is_done(label_paths(job.label_dir, split, fmt=fmt), split_key(plan.shards[split], job.extractor, model_key, fmt)):
+        key = split_key(plan.shards[split], job.extractor, model_key, fmt)
+        if is_done(label_paths(job.label_dir, split, fmt=fmt), key):
             log.info("%s labels are already done", split)
             continue
         for shard in job.mine(plan.shards[split]):

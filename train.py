@@ -11,6 +11,7 @@ import logging
 import re
 from pathlib import Path
 
+import utils.habana_env  # noqa: F401  (first: Habana's autocast op lists, set before torch loads)
 import pytorch_lightning as pl
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_info
@@ -20,8 +21,8 @@ from lightning import MAX_LEN, MIN_LEN, SAMPLE_RATE, HuBERTPreTrainModule, check
 from model import FACTORIES
 from utils.callbacks import CheckpointKeeper, TrainStatCallback, progress_bars
 from utils.checkpoint import exit_if_done, load_checkpoint
-from utils.device import (PRECISIONS, check_devices, configure_process, fast_cpu_bf16, hpu_accelerator_and_strategy,
-                          resolve_precision, set_hpu_autocast_lists)
+from utils.device import (PRECISIONS, check_devices, compile_backend, configure_process, fast_cpu_bf16,
+                          hpu_accelerator_and_strategy, resolve_precision, set_hpu_autocast_lists)
 from utils.launch import default_num_nodes, launched_processes
 from utils.loggers import run_loggers
 
@@ -269,7 +270,8 @@ def build(args):
         optimizer_str=args.optimizer, use_autocast=precision.autocast, save_1d_ckpt=args.save_1d_ckpt,
         num_workers=args.num_workers, seed=args.seed,
         loss_weights=(args.masked_weight, args.unmasked_weight, args.feature_weight),
-        model_args=dict(args.model_arg), use_compile=args.compile, legacy_weight_norm=args.legacy_weight_norm,
+        model_args=dict(args.model_arg), use_compile=args.compile,
+        compile_backend=compile_backend(accelerator_name(args)), legacy_weight_norm=args.legacy_weight_norm,
     )
     return trainer, module
 

@@ -134,7 +134,8 @@ def child(root: Path, label_format: str, code: Path) -> None:
             p.rename(p.with_name(p.name[:-len(".hidden")]))
     after = memory()
     print(json.dumps({"utterances": len(dataset), "updates": len(loader.sampler), "first_update_labels": labels,
-                      "startup_s": seconds, "peak_rss_mb": after["peak"] - base["rss"], "rss_mb": after["rss"] - base["rss"],
+                      "startup_s": seconds, "peak_rss_mb": after["peak"] - base["rss"],
+                      "rss_mb": after["rss"] - base["rss"],
                       "uss_mb": after["uss"] - base["uss"]}))
 
 

@@ -13,9 +13,12 @@ from pytorch_lightning.strategies import DDPStrategy, ParallelStrategy
 from bench import cpu_allocator
 import lightning  # our LightningModule file: the name that confuses lightning-habana
 import utils.device
+import utils.habana_env
 from tests.test_model import make_batch
-from utils.device import (Precision, check_devices, clip_grad_norm, describe_machine, hide_our_lightning_module,
-                          import_lightning_habana, make_optimizer, resolve_precision)
+from utils.device import (Precision, check_devices, clip_grad_norm, compile_backend, describe_machine,
+                          hide_our_lightning_module, import_lightning_habana, make_optimizer, resolve_precision)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_our_lightning_py_is_hidden_from_lightning_habana():
@@ -74,6 +77,18 @@ def test_missing_devices_name_what_is_there():
     with pytest.raises(SystemExit, match=r"asked for 2 GPU\(s\), but this machine has CPU .*--accelerator cpu"):
         check_devices("gpu", 2)
     check_devices("cpu", 2)  # CPU processes are always available
+    # A GPU machine whose driver is older than this torch's CUDA build also reports no GPU: say so.
+    with pytest.raises(SystemExit, match=rf"built for CUDA {torch.version.cuda}: .* nvidia-smi"):
+        check_devices("gpu", 1)
+
+
+def test_auto_precision_is_fp32_on_gpus_without_bf16(monkeypatch):
+    """Turing (T4) emulates bf16, slower than fp32 (hardware queries stood in for: this machine has no GPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_precision("auto", "gpu", False) == Precision(autocast=False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_precision("auto", "gpu", False) == Precision(autocast=True, tf32=True)
 
 
 def test_fused_optimizer_and_clip_fall_back_off_hpu():
@@ -168,3 +183,40 @@ def test_tuned_allocator_stops_faulting_activations_back_in():
     again on the next step; tuned, the process keeps them (measured: ~18 k vs ~4 k page faults per step)."""
     medians = cpu_allocator.main(["--steps", "2", "--rounds", "1"])
     assert medians["tuned"]["faults"] < medians["default"]["faults"] / 2, medians
+
+
+def import_script(script, argv, expression):
+    """``expression`` after importing ``script`` with ``argv`` in a fresh interpreter, as a user starts it."""
+    code = (f"import sys; sys.argv = {[script + '.py', *argv]!r}; import {script}, os, utils.habana_env as h; "
+            f"print({expression})")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("LIST")}
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          check=True).stdout.split()
+
+
+@pytest.mark.parametrize("script", ["train", "finetune"])
+def test_hpu_op_lists_are_set_before_torch_loads(script):
+    """Gaudi software >= 1.18 loads Habana's bridge with ``import torch``, and it reads the op lists then: the
+    scripts set them from their command line before they import torch."""
+    custom = ["--autocast-bf16", "my_bf16.txt"] if script == "train" else []
+    got = import_script(script, ["--hpus", "8", "--autocast", *custom], "h.TORCH_WAS_LOADED, "
+                        "os.environ['PT_HPU_AUTOCAST_LOWER_PRECISION_OPS_LIST'], os.environ['FP32_LIST']")
+    bf16 = "my_bf16.txt" if custom else "ops_bf16_hubert.txt"
+    assert got == ["False", str(REPO / bf16), str(REPO / "ops_fp32_hubert.txt")]
+    assert import_script(script, ["--autocast"], "'LOWER_LIST' in os.environ") == ["False"]  # without --hpus
+
+
+def test_op_lists_named_after_the_bridge_loaded_stop_the_run(monkeypatch):
+    for lower, fp32 in utils.habana_env.AUTOCAST_VARS:
+        monkeypatch.setenv(lower, "habana_default_bf16")
+        monkeypatch.setenv(fp32, "habana_default_fp32")
+    monkeypatch.setitem(sys.modules, "habana_frameworks.torch", types.ModuleType("habana_frameworks.torch"))
+    with pytest.raises(SystemExit, match="bridge was loaded before its autocast op lists were set, so they would be "
+                                         "ignored: export PT_HPU_AUTOCAST_LOWER_PRECISION_OPS_LIST=a.txt"):
+        utils.device.set_hpu_autocast_lists("a.txt", "b.txt")
+    utils.habana_env.set_op_lists("a.txt", "b.txt")  # exported by the user, or set before torch: fine
+    utils.device.set_hpu_autocast_lists("a.txt", "b.txt")
+
+
+def test_compile_backend_is_habanas_on_hpu():
+    assert [compile_backend(a) for a in ("hpu", "gpu", "cpu")] == ["hpu_backend", "inductor", "inductor"]

@@ -101,6 +101,8 @@ def test_missing_decoder_package_and_files_give_clear_errors(tmp_path, monkeypat
     monkeypatch.delattr(decoder, "_ctc_decoder", raising=False)
     with pytest.raises(SystemExit, match="pip install flashlight-text"):
         evaluate.lm_decoder(args, VOCAB)
+    with pytest.raises(SystemExit, match=rf"--use-gpu, but torch sees no CUDA GPU .*CUDA {torch.version.cuda}"):
+        evaluate.main(["--checkpoint", "x", "--data-dir", str(tmp_path), "--use-gpu"])  # checked first
     with pytest.raises(SystemExit, match="has no CTC head"):
         pretrained = tmp_path / "pre.ckpt"
         torch.save({"state_dict": {}}, pretrained)

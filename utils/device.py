@@ -9,10 +9,7 @@ from typing import Iterable
 
 import torch
 
-# Habana autocast reads its op lists from these variables when its runtime is imported (1.13+ names,
-# then the 1.10-1.12 names).
-HPU_AUTOCAST_VARS = (("PT_HPU_AUTOCAST_LOWER_PRECISION_OPS_LIST", "PT_HPU_AUTOCAST_FP32_OPS_LIST"),
-                     ("LOWER_LIST", "FP32_LIST"))
+from utils.habana_env import AUTOCAST_VARS, op_lists_in_effect, set_op_lists
 
 
 def mark_step(x: torch.Tensor) -> None:
@@ -79,8 +76,16 @@ def check_devices(accelerator: str, devices: int) -> None:
         hint = ("--gpus N" if have["gpu"] else "--hpus N" if have["hpu"] else "--accelerator cpu --devices N")
         raise SystemExit(
             f"asked for {devices} {accelerator.upper()}(s), but this machine has {describe_machine()}; "
-            f"use {hint} instead"
+            f"use {hint} instead{cuda_hint() if accelerator == 'gpu' and not have['gpu'] else ''}"
         )
+
+
+def cuda_hint() -> str:
+    """Why torch may see no GPU on a machine that has some: a CPU-only build, or a driver older than the build."""
+    if torch.version.cuda is None:
+        return " (this torch is a CPU-only build)"
+    return (f" (this torch is built for CUDA {torch.version.cuda}: if the machine has NVIDIA GPUs, check that "
+            f"nvidia-smi works and that its driver supports CUDA {torch.version.cuda})")
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -125,16 +130,22 @@ def fast_cpu_bf16() -> bool:
     return _amx() and _avx512_kernels()
 
 
+def gpu_has_bf16() -> bool:
+    """bf16 in hardware (Ampere and newer); on Turing (T4) torch emulates it, slower than fp32. Without a visible
+    GPU the answer is yes: the run stops at the device check anyway."""
+    return not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_precision(choice: str, accelerator: str, autocast: bool) -> Precision:
-    """``--precision`` with the seed's ``--autocast``: ``auto`` is bf16 autocast + TF32 on NVIDIA GPUs (the
-    recipe's GPU runs always used autocast; fp16 + GradScaler upstream, bf16 here), and upstream's behaviour
-    elsewhere: bf16 autocast on HPU and CPU only with ``--autocast``."""
+    """``--precision`` with the seed's ``--autocast``: ``auto`` is bf16 autocast + TF32 on NVIDIA GPUs with bf16
+    in hardware (the recipe's GPU runs always used autocast; fp16 + GradScaler upstream, bf16 here; fp32 on
+    Turing), and upstream's behaviour elsewhere: bf16 autocast on HPU and CPU only with ``--autocast``."""
     if choice not in PRECISIONS:
         raise ValueError(f"--precision must be one of {PRECISIONS}, got {choice!r}")
     if choice == "fp32" and autocast:
         raise ValueError("--autocast asks for bf16 autocast, --precision fp32 for none: give one of them")
     if choice == "auto":
-        choice = "bf16" if accelerator == "gpu" or autocast else "fp32"
+        choice = "bf16" if accelerator == "gpu" and gpu_has_bf16() or autocast else "fp32"
     bf16 = choice == "bf16"
     return Precision(autocast=bf16, tf32=bf16 and accelerator == "gpu")
 
@@ -154,10 +165,15 @@ def configure_process(precision: Precision, accelerator: str) -> None:
 
 
 def set_hpu_autocast_lists(bf16_file: str, fp32_file: str) -> None:
-    """Point Habana autocast at our op lists; must run before ``habana_frameworks`` is imported."""
-    for lower, fp32 in HPU_AUTOCAST_VARS:
-        os.environ[lower] = bf16_file
-        os.environ[fp32] = fp32_file
+    """Point Habana autocast at our op lists. utils.habana_env has set them from the command line before torch
+    loaded; if Habana's bridge has loaded (it reads them once) while they name other files, stop: autocast would
+    silently use those."""
+    bridge_loaded = any(m.startswith("habana_frameworks.torch") for m in sys.modules)
+    if bridge_loaded and not op_lists_in_effect(bf16_file, fp32_file):
+        exports = " ".join(f"{v}={f}" for pair in AUTOCAST_VARS for v, f in zip(pair, (bf16_file, fp32_file)))
+        raise SystemExit(f"Habana's PyTorch bridge was loaded before its autocast op lists were set, so they would "
+                         f"be ignored: export {exports} before starting")
+    set_op_lists(bf16_file, fp32_file)
 
 
 @contextlib.contextmanager
@@ -214,6 +230,25 @@ def hpu_accelerator_and_strategy(devices: int, num_nodes: int, single: bool, fin
         return HPUAccelerator(), SingleHPUStrategy()
     return HPUAccelerator(), HPUDDPStrategy(broadcast_buffers=False, gradient_as_bucket_view=True,
                                             find_unused_parameters=find_unused_parameters)
+
+
+def exact_fp32() -> None:
+    """fp32 matmuls and convolutions in IEEE fp32 on CUDA (torch's default runs cuDNN convolutions in TF32 on
+    Ampere and newer): features and labels made on a GPU then match the CPU's to fp32 rounding."""
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+
+
+def reduce_dtype(device: torch.device) -> torch.dtype:
+    """dtype of counts all-reduced across ranks: float64, but float32 on HPU (float64 there is not verified;
+    exact to 2^24, beyond any validation set's character count)."""
+    return torch.float32 if device.type == "hpu" else torch.float64
+
+
+def compile_backend(accelerator: str) -> str:
+    """torch.compile's backend: Habana's on HPU (inductor does not take HPU tensors: Habana's support matrix),
+    inductor elsewhere."""
+    return "hpu_backend" if accelerator == "hpu" else "inductor"
 
 
 def draws_before_forward(device: torch.device) -> bool:

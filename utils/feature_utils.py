@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from utils.checkpoint import load_pretrained_model
 from utils.common_utils import SAMPLE_RATE
+from utils.device import exact_fp32
 from utils.feature_shards import ShardReader, shard_is_done, write_shard
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,8 @@ def hubert_extractor(checkpoint_path, layer_index: int, device) -> Extractor:
     if not 0 <= layer_index <= num_layers:
         raise ValueError(f"--layer-index {layer_index} is out of range: {checkpoint_path} has {num_layers} "
                          "transformer layers (1-based; 0 is their input)")
+    if torch.device(device).type == "cuda":
+        exact_fp32()
     wav2vec2 = model.wav2vec2.to(device).eval()
     description = f"hubert layer {layer_index} of checkpoint sha256 {file_sha256(checkpoint_path)}"
     return Extractor(lambda waveform: layer_features(wav2vec2, waveform, layer_index, device),

@@ -102,11 +102,12 @@ def kmeans_plusplus_init(feats: np.ndarray, n_clusters: int, seed: int) -> np.nd
 
 def fit_faiss(feats: np.ndarray, n_clusters: int, seed: int, gpu: bool = False) -> MiniBatchKMeans:
     """Lloyd's k-means in faiss on all of ``feats`` (no subsampling, like sklearn; --percent picks the
-    frames), from ``kmeans_plusplus_init``; on all GPUs when ``gpu`` and faiss has CUDA. On CPU, a seed
-    gives the same centres whatever the thread count (tested with 1 and 2)."""
+    frames), from ``kmeans_plusplus_init``; on one GPU when ``gpu`` and faiss has CUDA (faiss's True means every
+    GPU of the machine, where preprocess.py's other ranks still hold their models). On CPU, a seed gives the same
+    centres whatever the thread count (tested with 1 and 2)."""
     faiss = import_faiss()
     km = faiss.Kmeans(feats.shape[1], n_clusters, niter=FAISS_NITER, seed=seed,
-                      gpu=gpu and faiss.get_num_gpus() > 0,
+                      gpu=1 if gpu and faiss.get_num_gpus() > 0 else False,
                       max_points_per_centroid=-(-len(feats) // n_clusters))
     km.train(feats, init_centroids=kmeans_plusplus_init(feats, n_clusters, seed))
     log.info("faiss k-means: %d iterations%s", len(km.obj), " on GPU" if km.gpu else "")
