@@ -20,9 +20,11 @@ import numpy as np
 
 from utils.common_utils import atomic_write
 
+from .text_blocks import NEWLINE, whole_lines
+
 log = logging.getLogger(__name__)
 
-SPACE, NEWLINE = 32, 10
+SPACE = 32
 BLOCK = 1 << 24  # bytes scanned at a time
 
 
@@ -162,26 +164,14 @@ def write_text_index(path: Path) -> Tuple[np.ndarray, np.ndarray]:
 
 def _scan(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     """One pass in blocks of whole lines: where each line starts and how many space-separated ids it has."""
-    starts, counts, offset, rest = [np.zeros(1, dtype=np.int64)], [], 0, b""
+    starts, counts = [np.zeros(1, dtype=np.int64)], []
     with open(path, "rb") as f:
-        while True:
-            data = f.read(BLOCK)
-            buf = rest + data
-            if not data and buf and not buf.endswith(b"\n"):
-                buf += b"\n"  # last line without a newline
-            block = np.frombuffer(buf, dtype=np.uint8)
-            ends = np.flatnonzero(block == NEWLINE)
-            used = int(ends[-1]) + 1 if len(ends) else 0
-            if used:
-                token = (block[:used] != SPACE) & (block[:used] != NEWLINE)
-                token[1:] &= ~token[:-1]  # first byte of each id (the block starts at a line start)
-                ids_before_end = np.searchsorted(np.flatnonzero(token), ends)
-                counts.append(np.diff(ids_before_end, prepend=0))
-                starts.append(offset + ends + 1)
-                offset += used
-            rest = buf[used:]
-            if not data:
-                break
+        for offset, block, ends in whole_lines(f, BLOCK):
+            token = (block != SPACE) & (block != NEWLINE)
+            token[1:] &= ~token[:-1]  # first byte of each id (a block starts at a line start)
+            ids_before_end = np.searchsorted(np.flatnonzero(token), ends)
+            counts.append(np.diff(ids_before_end, prepend=0))
+            starts.append(offset + ends + 1)
     starts = np.concatenate(starts)
     starts[-1] = min(starts[-1], path.stat().st_size)  # the newline added above is not in the file
     return starts, np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)

@@ -8,8 +8,10 @@ from typing import Tuple
 
 import numpy as np
 
+from .text_blocks import whole_lines
+
 BLOCK = 1 << 24  # bytes parsed at a time (the digit matrix of a block is ~5x its size)
-TAB, NEWLINE, ZERO = 9, 10, 48
+TAB, ZERO = 9, 48
 CHECK_ALL_UP_TO = 50_000  # utterances; longer lists check a sample of their files (each rank would stat them all)
 CHECK_SAMPLE = 1000
 
@@ -59,24 +61,13 @@ def _parse(tsv: Path) -> Tuple[str, np.ndarray, np.ndarray, np.ndarray]:
     starts, path_ends, lengths = [], [], []
     with open(tsv, "rb") as f:
         first = f.readline()
-        root, offset, lineno, rest = first.rstrip(b"\n").decode(), len(first), 2, b""
-        while True:
-            data = f.read(BLOCK)
-            buf = rest + data
-            if not data and buf and not buf.endswith(b"\n"):
-                buf += b"\n"  # last line without a newline
-            block = np.frombuffer(buf, dtype=np.uint8)
-            ends = np.flatnonzero(block == NEWLINE)
-            used = int(ends[-1]) + 1 if len(ends) else 0
-            if used:
-                line_starts, tabs, values = _parse_lines(tsv, block[:used], ends, lineno)
-                starts.append(offset + line_starts)
-                path_ends.append(offset + tabs)
-                lengths.append(values)
-                offset, lineno = offset + used, lineno + len(ends)
-            rest = buf[used:]
-            if not data:
-                break
+        root, lineno = first.rstrip(b"\n").decode(), 2
+        for offset, block, ends in whole_lines(f, BLOCK):
+            line_starts, tabs, values = _parse_lines(tsv, block, ends, lineno)
+            starts.append(offset + line_starts)
+            path_ends.append(offset + tabs)
+            lengths.append(values)
+            lineno += len(ends)
     join = (lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
     return root, join(starts), join(path_ends), join(lengths)
 
