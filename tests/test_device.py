@@ -220,3 +220,14 @@ def test_op_lists_named_after_the_bridge_loaded_stop_the_run(monkeypatch):
 
 def test_compile_backend_is_habanas_on_hpu():
     assert [compile_backend(a) for a in ("hpu", "gpu", "cpu")] == ["hpu_backend", "inductor", "inductor"]
+
+
+def test_gpu_features_are_exact_fp32():
+    """preprocess.py --use-gpu: torch's default cuDNN TF32 would make GPU features differ from CPU ones."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        utils.device.exact_fp32()
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (False, False)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

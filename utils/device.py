@@ -235,8 +235,8 @@ def hpu_accelerator_and_strategy(devices: int, num_nodes: int, single: bool, fin
 def exact_fp32() -> None:
     """fp32 matmuls and convolutions in IEEE fp32 on CUDA (torch's default runs cuDNN convolutions in TF32 on
     Ampere and newer): features and labels made on a GPU then match the CPU's to fp32 rounding."""
-    torch.backends.cuda.matmul.fp32_precision = "ieee"
-    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    torch.backends.cuda.matmul.allow_tf32 = False  # the switches configure_process uses (mixing APIs raises)
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def reduce_dtype(device: torch.device) -> torch.dtype:
