@@ -25,6 +25,7 @@ import pytorch_lightning as pl
 
 import train
 from dataset import find_subset, librilight_folders
+from health.callback import HealthCallback
 from lightning_finetune import HuBERTFineTuneModule
 from model import FACTORIES, infer_arch
 from utils.checkpoint import exit_if_done, load_checkpoint
@@ -191,7 +192,8 @@ def build(args):
     accelerator, devices, strategy = accelerator_and_strategy(args, num_nodes)
     configure_process(precision, device)
     ckpt_dir = args.exp_dir / f"checkpoints_{model_name_of(args, module)}"
-    callbacks = [CheckpointKeeper(ckpt_dir, args.save_top_k), FineTuneStatCallback(1), *progress_bars()]
+    callbacks = [CheckpointKeeper(ckpt_dir, args.save_top_k), FineTuneStatCallback(1), HealthCallback(args.exp_dir),
+                 *progress_bars()]
     loggers = run_loggers(args.exp_dir)
     trainer = pl.Trainer(
         default_root_dir=args.exp_dir, max_steps=args.max_updates, num_nodes=num_nodes, accelerator=accelerator,

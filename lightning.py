@@ -12,7 +12,7 @@ from dataset import (BucketizeBatchSampler, CollateFnHubert, DistributedBatchSam
                      UpdateLoader, format_stats, loader_stats)
 from loss import compute_accuracy, compute_accuracy_static, hubert_loss, hubert_loss_static
 from model import FACTORIES, convert_conv_layout, convert_optimizer_state, convert_weight_norm
-from utils.checkpoint import align_loop_state, predates_resumable_data
+from utils.checkpoint import align_logging_step, align_loop_state, predates_resumable_data
 from utils.device import clip_grad_norm, draws_before_forward, hpu_graph_breaks, make_optimizer
 from utils.lr_schedule import LinearDecayLRScheduler
 
@@ -178,6 +178,9 @@ class HuBERTPreTrainModule(pl.LightningModule):
     def on_train_epoch_start(self):
         self.stats["train"].zero_()
         self._last_step_time = None
+
+    def on_train_batch_start(self, batch, batch_idx):
+        align_logging_step(self.trainer, self.skipped_steps)
 
     # ---- validation ---------------------------------------------------------------------------------
     def validation_step(self, batch: UpdateBatch, batch_idx):

@@ -11,7 +11,7 @@ from dataset import (BucketizeBatchSampler, DistributedBatchSampler, Transcribed
                      collate_ctc, list_utterances)
 from model import FACTORIES, Draws
 from model.components import get_padding_mask
-from utils.checkpoint import align_loop_state, load_pretrained_model, predates_resumable_data
+from utils.checkpoint import align_logging_step, align_loop_state, load_pretrained_model, predates_resumable_data
 from utils.ctc import VOCAB, ErrorCounts, greedy_decode, ids_to_text
 from utils.device import clip_grad_norm, draws_before_forward, make_optimizer, reduce_dtype
 from utils.lr_schedule import TriStageLRScheduler
@@ -151,6 +151,9 @@ class HuBERTFineTuneModule(pl.LightningModule):
 
     def on_train_epoch_start(self):
         self.stats["train"].zero_()
+
+    def on_train_batch_start(self, batch, batch_idx):
+        align_logging_step(self.trainer, self.skipped_steps)
 
     # ---- validation -----------------------------------------------------------------------------------
     def validation_step(self, update: UpdateBatch, batch_idx):

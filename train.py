@@ -9,6 +9,7 @@ import argparse
 import ast
 import logging
 import re
+from functools import partial
 from pathlib import Path
 
 import utils.habana_env  # noqa: F401  (first: Habana's autocast op lists, set before torch loads)
@@ -17,6 +18,8 @@ from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_info
 
 from dataset import BucketAligner, bucket_boundaries
+from health.callback import HealthCallback
+from health.checks import dataset_label_findings
 from lightning import MAX_LEN, MIN_LEN, SAMPLE_RATE, HuBERTPreTrainModule, checkpoint_dir
 from model import FACTORIES
 from utils.callbacks import CheckpointKeeper, TrainStatCallback, progress_bars
@@ -244,7 +247,10 @@ def build(args):
     rank_zero_info(f"precision: {precision.describe(accelerator_name(args))} "
                    f"({devices} {accelerator_name(args).upper()} x {num_nodes} node(s))")
     ckpt_dir = checkpoint_dir(args.exp_dir, args.dataset, args.model_name)
-    callbacks = [CheckpointKeeper(ckpt_dir, args.save_top_k), TrainStatCallback(args.skip_steps), *progress_bars()]
+    labels = partial(dataset_label_findings, args.dataset_path, args.feature_type, args.num_classes,
+                     dataset=args.dataset)
+    callbacks = [CheckpointKeeper(ckpt_dir, args.save_top_k), TrainStatCallback(args.skip_steps),
+                 HealthCallback(args.exp_dir, labels), *progress_bars()]
     loggers = run_loggers(args.exp_dir)
     trainer = pl.Trainer(
         default_root_dir=args.exp_dir, max_steps=args.max_updates, num_nodes=num_nodes,

@@ -129,10 +129,7 @@ def align_loop_state(checkpoint: dict) -> None:
     extended with a larger ``--max-updates`` stopped ("the data would not resume exactly"), or skipped the rest
     of the epoch when it had ended with one: the epoch count goes back to the loader's.
 
-    The logging step (``_batches_that_stepped``, the x axis of TensorBoard and metrics.csv): Lightning counts
-    the last update only after a checkpoint written at validation, and adds it back on resume except at an
-    epoch's end; there it went missing, and a resumed run logged every update one step early. It is set to
-    what an uninterrupted run has when it logs the next update."""
+    The logging step is set by ``align_logging_step`` once training runs."""
     fit_loop = checkpoint.get("loops", {}).get("fit_loop")
     if not fit_loop or predates_resumable_data(checkpoint):
         return
@@ -144,11 +141,15 @@ def align_loop_state(checkpoint: dict) -> None:
             for field in ("processed", "completed"):
                 epochs[counter][field] = max(0, epochs[counter][field] - ahead)
         checkpoint["epoch"] = loader["epoch"]
-    layout = loader["layout"]
-    epoch_done = loader["consumed"] >= -(-layout["micro_batches"] // layout["accumulate"])
-    stepped = fit_loop["epoch_loop.state_dict"]
-    stepped["_batches_that_stepped"] = checkpoint["global_step"] - (0 if epoch_done else 1) + checkpoint.get(
-        "skipped_steps", 0)
+
+
+def align_logging_step(trainer, skipped_steps: int) -> None:
+    """The logging step (``_batches_that_stepped``, the x axis of TensorBoard and metrics.csv) before an update:
+    the updates made plus those skipped, as it is in an uninterrupted run. A resumed run's came out one off: a
+    checkpoint saved at validation has the last update not yet counted, and Lightning adds it back on resume
+    only in some loop states (not in others, e.g. an epoch's end after several epochs), so it is set here,
+    before every update (a no-op unless the run was resumed)."""
+    trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step + skipped_steps
 
 
 def predates_resumable_data(checkpoint: dict) -> bool:

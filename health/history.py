@@ -1,0 +1,70 @@
+"""A run's history as one series per metric, stitched from every Lightning log version of its folder (a run
+resumed several times logs into version_0, version_1, ...: a later version replaces what an earlier one logged
+from its first step on, as the resumed run trained those updates again), with the run's flags."""
+import csv
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import yaml
+
+Series = Dict[str, List[Tuple[int, float]]]  # metric -> [(step, value)], steps ascending
+
+
+@dataclass
+class RunHistory:
+    run_dir: Path
+    hparams: dict
+    series: Series
+    versions: List[Path] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        """'finetune' (CTC: a CER is logged) or 'pretrain'."""
+        return "finetune" if "decay_updates" in self.hparams else "pretrain"
+
+    def points(self, name: str) -> List[Tuple[int, float]]:
+        return self.series.get(name, [])
+
+    @property
+    def last_step(self) -> int:
+        return max((points[-1][0] for points in self.series.values() if points), default=-1)
+
+
+def versions(run_dir) -> List[Path]:
+    """``lightning_logs/version_N`` folders with a metrics.csv, in N order."""
+    found = Path(run_dir).glob("lightning_logs/version_*/metrics.csv")
+    return sorted((p.parent for p in found), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
+
+
+def read_csv(path: Path) -> Series:
+    series: Series = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            step = int(row["step"])
+            for name, value in row.items():
+                if name not in ("step", "epoch") and value not in ("", None):
+                    series.setdefault(name, []).append((step, float(value)))
+    return series
+
+
+def read_run(run_dir) -> RunHistory:
+    """The stitched history of ``run_dir`` (train.py's or finetune.py's --exp-dir); flags from the newest version."""
+    found = versions(run_dir)
+    if not found:
+        raise FileNotFoundError(f"{run_dir}: no lightning_logs/version_*/metrics.csv (is it a train.py or "
+                                "finetune.py --exp-dir?)")
+    stitched: Series = {}
+    for version in found:
+        series = read_csv(version / "metrics.csv")
+        starts = [points[0][0] for points in series.values() if points]
+        if not starts:
+            continue
+        first = min(starts)
+        stitched = {name: [(s, v) for s, v in points if s < first] for name, points in stitched.items()}
+        for name, points in series.items():
+            stitched.setdefault(name, []).extend(points)
+    hparams_file = found[-1] / "hparams.yaml"
+    hparams = yaml.load(hparams_file.read_text(), Loader=yaml.FullLoader) if hparams_file.is_file() else {}
+    return RunHistory(Path(run_dir), hparams or {}, {k: sorted(v) for k, v in stitched.items() if v}, found)

@@ -1,0 +1,138 @@
+"""Run health: each finding made to happen on a real tiny train.py run (the live callback and tools/report.py),
+and a healthy run reporting nothing."""
+import csv
+import logging
+import time
+
+import pytest
+import pytorch_lightning as pl
+
+import train
+from health.checks import Finding, label_findings
+from health.history import read_run
+from tests.fixtures import make_prepared_dataset
+from tests.test_train import args_for, last_ckpt
+from tools import report
+
+RUN = ["--max-updates", "12", "--warmup-updates", "3", "--val-check-interval", "3", "--seconds-per-batch", "16"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_prepared_dataset(tmp_path_factory.mktemp("prepared"))
+
+
+@pytest.fixture(scope="module")
+def healthy(data, tmp_path_factory):
+    exp = tmp_path_factory.mktemp("healthy")
+    train.main(args_for(data, exp, *RUN))
+    return exp
+
+
+def checks(found):
+    return sorted({f.check for f in found})
+
+
+def logged_health(exp):
+    with open(next(exp.glob("lightning_logs/version_*/metrics.csv"))) as f:
+        return {k: v for row in csv.DictReader(f) for k, v in row.items() if k.startswith("health_") and v}
+
+
+def test_a_healthy_run_reports_nothing_and_writes_the_page(healthy, capsys):
+    assert report.main([str(healthy)]) == 0
+    out = capsys.readouterr().out
+    assert f"{healthy}: no finding(s) in 12 updates (1 log version(s))" in out
+    page = (healthy / "report.html").read_text()
+    assert "no findings" in page and page.count("<svg") >= 6 and "http" not in page.replace(
+        "http://www.w3.org/2000/svg", "")  # nothing to fetch: opens offline
+    assert not logged_health(healthy)
+
+
+def test_an_extended_run_is_stitched_and_its_changed_schedule_found(healthy, data, tmp_path, capsys):
+    """Resumed from the finished run's last.ckpt with a later --max-updates: one history over two log versions;
+    the flags' schedule now decays to the new end, so the LR logged before the resume no longer follows it."""
+    exp = tmp_path / "extended"
+    exp.mkdir()
+    for src in healthy.iterdir():  # the run's folder as it was, then resumed in place
+        (exp / src.name).symlink_to(src) if src.is_file() else __import__("shutil").copytree(src, exp / src.name,
+                                                                                            symlinks=True)
+    train.main(args_for(data, exp, *RUN[:1], "18", *RUN[2:], "--resume-checkpoint", str(last_ckpt(exp))))
+    h = read_run(exp)
+    assert len(h.versions) == 2 and h.last_step == 17 and [s for s, _ in h.points("lr")] == list(range(18))
+    assert report.main([str(exp), "--no-labels"]) == 1
+    assert "update 3: LR schedule: lr " in capsys.readouterr().out  # decay from update 4 on: 12 -> 18
+
+
+class Interrupt(pl.Callback):
+    """A user's Ctrl-C at update ``at``, after ``slow`` updates that each wait 2.5 s (a slow rank)."""
+
+    def __init__(self, at: int, slow: range):
+        self.at, self.slow = at, slow
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step in self.slow:
+            time.sleep(2.5)
+        if trainer.global_step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_a_slow_stretch_and_an_interrupted_run_are_found(data, tmp_path, monkeypatch, capsys):
+    real_trainer = pl.Trainer
+    monkeypatch.setattr(pl, "Trainer", lambda **kw: real_trainer(**{**kw, "callbacks": [
+        *kw["callbacks"], Interrupt(at=20, slow=range(9, 14))]}))
+    exp = tmp_path / "exp"
+    with pytest.raises(SystemExit):  # Lightning's graceful shutdown ends the script with exit status 1
+        train.main(args_for(data, exp, "--max-updates", "24", *RUN[2:]))
+    (last_ckpt(exp).resolve()).unlink()  # and its newest checkpoint lost
+    assert report.main([str(exp), "--no-labels"]) == 1
+    out = capsys.readouterr().out
+    for line in ("update 10: throughput: audio s/s under 0.5x", "update 19: ended early: last logged update 20 of "
+                 "--max-updates 24", "lost checkpoints: no readable last.ckpt"):
+        assert line in out
+
+
+class Poison(pl.Callback):
+    """NaN audio in one batch, when update ``at`` is due (a corrupt file, say): its loss is not finite."""
+
+    def __init__(self, at: int):
+        self.at, self.done = at, False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at and not self.done:  # skipped, the update is due again next batch
+            batch.micro_batches[0][0].fill_(float("nan"))
+            self.done = True
+
+
+def test_skipped_updates_and_unused_clusters_are_found_live(data, tmp_path, monkeypatch, caplog):
+    """A NaN batch at update 5 (skipped on every rank) and --num-classes 20 for labels of 10 clusters: found as
+    they happen, printed once each and logged as health_<check>."""
+    real_trainer = pl.Trainer
+    monkeypatch.setattr(pl, "Trainer", lambda **kw: real_trainer(**{**kw, "callbacks": [*kw["callbacks"], Poison(5)]}))
+    exp = tmp_path / "exp"
+    with caplog.at_level(logging.WARNING, logger="health.callback"):
+        train.main(args_for(data, exp, *RUN, num_classes=20))
+    live = [r.getMessage() for r in caplog.records if r.getMessage().startswith("health: ")]
+    assert live[0].startswith("health: update 0: labels: ") and "10 of 20 clusters never occur" in live[0]
+    assert live[1].startswith("health: update 5: skipped: 1 update(s) skipped") and len(live) == 2
+    assert {"health_labels", "health_skipped"} <= set(logged_health(exp))
+    assert checks(report.findings(read_run(exp))) == ["labels", "skipped"]
+
+
+class Labels(list):
+    """A label reader stand-in: utterance ids by index, with counts (dataset.label_files' interface)."""
+
+    @property
+    def counts(self):
+        return [len(x) for x in self]
+
+
+def test_label_thresholds():
+    import numpy as np
+
+    dominated = Labels([np.array([0] * 40 + list(range(10)))] * 3)
+    assert [f.message.split(": ", 1)[1] for f in label_findings(dominated, 10, np.array([50, 50, 49]))] == [
+        "cluster 0 holds 82% of the frames",
+        "1 utterance(s) have label counts that do not match their audio (first: line 3, 50 labels for 49 frames)"]
+    assert label_findings(Labels([np.arange(10)]), 10) == []
+    assert label_findings(Labels([np.array([3, 12])]), 10)[0] == Finding(
+        "labels", 0, "labels: 1 label(s) outside [0, --num-classes 10)")
