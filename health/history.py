@@ -1,15 +1,14 @@
 """A run's history as one series per metric, stitched from every Lightning log version of its folder (a run
 resumed several times logs into version_0, version_1, ...: a later version replaces what an earlier one logged
 from its first step on, as the resumed run trained those updates again), with the run's flags."""
-import csv
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import yaml
 
-Series = Dict[str, List[Tuple[int, float]]]  # metric -> [(step, value)], steps ascending
+from utils.curves import Series, read_metrics
 
 
 @dataclass
@@ -38,17 +37,6 @@ def versions(run_dir) -> List[Path]:
     return sorted((p.parent for p in found), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
 
 
-def read_csv(path: Path) -> Series:
-    series: Series = {}
-    with open(path) as f:
-        for row in csv.DictReader(f):
-            step = int(row["step"])
-            for name, value in row.items():
-                if name not in ("step", "epoch") and value not in ("", None):
-                    series.setdefault(name, []).append((step, float(value)))
-    return series
-
-
 def read_run(run_dir) -> RunHistory:
     """The stitched history of ``run_dir`` (train.py's or finetune.py's --exp-dir); flags from the newest version."""
     found = versions(run_dir)
@@ -57,7 +45,7 @@ def read_run(run_dir) -> RunHistory:
                                 "finetune.py --exp-dir?)")
     stitched: Series = {}
     for version in found:
-        series = read_csv(version / "metrics.csv")
+        series = read_metrics(version / "metrics.csv")
         starts = [points[0][0] for points in series.values() if points]
         if not starts:
             continue
