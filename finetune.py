@@ -25,7 +25,7 @@ import pytorch_lightning as pl
 
 import train
 from dataset import find_subset, librilight_folders
-from health.callback import HealthCallback
+from health.callback import HealthCallback, SkipGuard
 from lightning_finetune import HuBERTFineTuneModule
 from model import FACTORIES, infer_arch
 from utils.checkpoint import exit_if_done, load_checkpoint
@@ -89,6 +89,8 @@ def parse_args(argv=None):
     a("--save-top-k", type=int, default=5, help="best checkpoints kept by val_loss and by train_loss")
     a("--num-workers", type=int, default=10, help="data loader worker processes per device")
     a("--seed", type=int, default=1337)
+    a("--max-skips-in-a-row", type=int, default=100,
+      help="stop (exit status 1, final checkpoint written) after this many skipped updates in a row; 0: never")
     a("--log-every-n-steps", type=int, default=50)
     a("--debug", action="store_true", help="debug logging")
     args = p.parse_args(argv)
@@ -193,7 +195,7 @@ def build(args):
     configure_process(precision, device)
     ckpt_dir = args.exp_dir / f"checkpoints_{model_name_of(args, module)}"
     callbacks = [CheckpointKeeper(ckpt_dir, args.save_top_k), FineTuneStatCallback(1), HealthCallback(args.exp_dir),
-                 *progress_bars()]
+                 SkipGuard(args.max_skips_in_a_row), *progress_bars()]
     loggers = run_loggers(args.exp_dir)
     trainer = pl.Trainer(
         default_root_dir=args.exp_dir, max_steps=args.max_updates, num_nodes=num_nodes, accelerator=accelerator,
@@ -212,7 +214,7 @@ def build(args):
 def main(argv=None):
     args = parse_args(argv)
     trainer, module = build(args)
-    trainer.fit(module, ckpt_path=args.resume_checkpoint)
+    train.fit(trainer, module, args.resume_checkpoint, "finetune.py")
     return trainer, module
 
 

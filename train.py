@@ -18,7 +18,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_info
 
 from dataset import BucketAligner, bucket_boundaries
-from health.callback import HealthCallback
+from health.callback import HealthCallback, SkipGuard
 from health.checks import dataset_label_findings
 from lightning import MAX_LEN, MIN_LEN, SAMPLE_RATE, HuBERTPreTrainModule, checkpoint_dir
 from model import FACTORIES
@@ -113,6 +113,8 @@ def parse_args(argv=None):
     a("--static-layerdrop", action="store_true", help="layer drop with torch.where (every layer computed)")
     a("--no-layerdrop", action="store_true", help="disable layer drop")
     a("--skip-steps", type=int, default=1, help="steps excluded from the throughput timer")
+    a("--max-skips-in-a-row", type=int, default=100,
+      help="stop (exit status 1, final checkpoint written) after this many skipped updates in a row; 0: never")
     a("--dist-dataset", type=int, choices=[0, 1], default=1, help="0 with 1 HPU: single-device strategy")
     a("--debug", action="store_true", help="debug logging")
     a("--check-val-every-n-epoch", type=int, default=1)
@@ -250,7 +252,7 @@ def build(args):
     labels = partial(dataset_label_findings, args.dataset_path, args.feature_type, args.num_classes,
                      dataset=args.dataset)
     callbacks = [CheckpointKeeper(ckpt_dir, args.save_top_k), TrainStatCallback(args.skip_steps),
-                 HealthCallback(args.exp_dir, labels), *progress_bars()]
+                 HealthCallback(args.exp_dir, labels), SkipGuard(args.max_skips_in_a_row), *progress_bars()]
     loggers = run_loggers(args.exp_dir)
     trainer = pl.Trainer(
         default_root_dir=args.exp_dir, max_steps=args.max_updates, num_nodes=num_nodes,
@@ -282,9 +284,17 @@ def build(args):
     return trainer, module
 
 
+def fit(trainer, module, ckpt_path, script: str) -> None:
+    """trainer.fit, then an error exit if the skip guard stopped the run."""
+    trainer.fit(module, ckpt_path=ckpt_path)
+    guard = next(c for c in trainer.callbacks if isinstance(c, SkipGuard))
+    if guard.reason:
+        raise SystemExit(f"{script}: error: {guard.reason}")
+
+
 def run_train(args):
     trainer, module = build(args)
-    trainer.fit(module, ckpt_path=args.resume_checkpoint)
+    fit(trainer, module, args.resume_checkpoint, "train.py")
     return trainer, module
 
 

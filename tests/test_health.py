@@ -12,6 +12,7 @@ from health.checks import Finding, label_findings
 from health.history import read_run
 from tests.fixtures import make_prepared_dataset
 from tests.test_train import args_for, last_ckpt
+from utils.checkpoint import load_checkpoint
 from tools import report
 
 RUN = ["--max-updates", "12", "--warmup-updates", "3", "--val-check-interval", "3", "--seconds-per-batch", "16"]
@@ -92,15 +93,15 @@ def test_a_slow_stretch_and_an_interrupted_run_are_found(data, tmp_path, monkeyp
 
 
 class Poison(pl.Callback):
-    """NaN audio in one batch, when update ``at`` is due (a corrupt file, say): its loss is not finite."""
+    """NaN audio in ``times`` batches from when update ``at`` is due (a corrupt file, say): losses not finite."""
 
-    def __init__(self, at: int):
-        self.at, self.done = at, False
+    def __init__(self, at: int, times: int = 1):
+        self.at, self.left = at, times
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.at and not self.done:  # skipped, the update is due again next batch
+        if trainer.global_step == self.at and self.left:  # skipped, the update is due again next batch
             batch.micro_batches[0][0].fill_(float("nan"))
-            self.done = True
+            self.left -= 1
 
 
 def test_skipped_updates_and_unused_clusters_are_found_live(data, tmp_path, monkeypatch, caplog):
@@ -116,6 +117,16 @@ def test_skipped_updates_and_unused_clusters_are_found_live(data, tmp_path, monk
     assert live[1].startswith("health: update 5: skipped: 1 update(s) skipped") and len(live) == 2
     assert {"health_labels", "health_skipped"} <= set(logged_health(exp))
     assert checks(report.findings(read_run(exp))) == ["labels", "skipped"]
+
+
+def test_a_run_whose_updates_keep_being_skipped_stops(data, tmp_path, monkeypatch):
+    real_trainer = pl.Trainer
+    monkeypatch.setattr(pl, "Trainer", lambda **kw: real_trainer(**{**kw, "callbacks": [*kw["callbacks"],
+                                                                                        Poison(5, times=3)]}))
+    with pytest.raises(SystemExit, match=r"train.py: error: stopped at update 6: the last 3 updates were all "
+                                         r"skipped \(non-finite loss or gradient\); resume from last.ckpt"):
+        train.main(args_for(data, tmp_path / "exp", *RUN, "--max-skips-in-a-row", "3"))
+    assert load_checkpoint(last_ckpt(tmp_path / "exp"))["global_step"] == 5  # the final state, written
 
 
 class Labels(list):
