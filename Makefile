@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test espeak clean
+.PHONY: demo test espeak chromium clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,14 @@ espeak:
 # PASSIVE: idle OpenMP threads sleep instead of spinning (sklearn/faiss slow down badly on a busy machine).
 # Then the tests that compare numbers once more on torch's generic CPU kernels: a tolerance that holds only on
 # some CPUs fails on every machine, not just on some (tests/numerics.py).
-test: $(VENV)/.installed espeak
+# Debian's chromium: the report page is checked in a real headless browser (tests/browser.py).
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  echo "installing chromium (apt)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: $(VENV)/.installed espeak chromium
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
 	ATEN_CPU_CAPABILITY=default OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -m numerics
 

@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import train
 from health.checks import Finding, label_findings
 from health.history import read_run
+from health.report_html import render
 from tests.fixtures import make_prepared_dataset
 from tests.test_train import args_for, last_ckpt
 from utils.checkpoint import load_checkpoint
@@ -147,3 +148,34 @@ def test_label_thresholds():
     assert label_findings(Labels([np.arange(10)]), 10) == []
     assert label_findings(Labels([np.array([3, 12])]), 10)[0] == Finding(
         "labels", 0, "labels: 1 label(s) outside [0, --num-classes 10)")
+
+
+PAGE = """JSON.stringify({
+  charts: [...document.querySelectorAll('svg.chart')].map(svg => ({
+    box: [svg.getBoundingClientRect().width, svg.getBoundingClientRect().height],
+    lines: [...svg.querySelectorAll('polyline')].map(p => Math.max(p.getBBox().width, p.getBBox().height)),
+    band: svg.querySelectorAll('polygon.band').length})),
+  findings: [...document.querySelectorAll('#findings tr')].slice(1).map(tr => tr.cells[2].textContent)})"""
+
+
+def test_the_report_page_renders_offline_in_a_browser(healthy, tmp_path):
+    """Debian's Chromium, headless, network cut off: every chart has its size and drawn lines, the trusted run
+    gives a band, the findings table lists the findings, and the page asked for nothing but itself."""
+    import json
+
+    from tests.browser import Browser
+
+    page = tmp_path / "report.html"
+    h = read_run(healthy)
+    faulty = [Finding("spike", 7, "x"), Finding("LR schedule", 3, "y")]
+    page.write_text(render([("healthy", h, []), ("faulty", h, faulty)], trusted=[h, h]))
+    browser = Browser()
+    try:
+        seen = json.loads(browser.evaluate(browser.open(page), PAGE))
+        urls = browser.requested_urls()
+    finally:
+        browser.close()
+    assert urls == [page.as_uri()]
+    assert len(seen["charts"]) >= 7 and all(c["box"] == [420, 240] for c in seen["charts"])
+    assert all(c["lines"] and min(c["lines"]) > 0 and c["band"] for c in seen["charts"])
+    assert seen["findings"] == ["spike", "LR schedule"]
