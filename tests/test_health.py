@@ -179,3 +179,8 @@ def test_the_report_page_renders_offline_in_a_browser(healthy, tmp_path):
     assert len(seen["charts"]) >= 7 and all(c["box"] == [420, 240] for c in seen["charts"])
     assert all(c["lines"] and min(c["lines"]) > 0 and c["band"] for c in seen["charts"])
     assert seen["findings"] == ["spike", "LR schedule"]
+
+
+def test_a_folder_without_logs_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match=r"report.py: error: .*: no lightning_logs/version_\*/metrics.csv"):
+        report.main([str(tmp_path)])
