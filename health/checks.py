@@ -155,12 +155,17 @@ def history_findings(h: RunHistory, finished: bool = True) -> List[Finding]:
     return sorted((f for check in checks for f in check(h)), key=lambda f: f.step)
 
 
+def spread(n: int, sample: int) -> np.ndarray:
+    """Up to ``sample`` indices spread evenly over ``range(n)``."""
+    return np.unique(np.linspace(0, n - 1, min(sample, n)).astype(np.int64))
+
+
 def label_findings(labels, num_classes: int, num_frames: Optional[np.ndarray] = None, source: str = "labels",
                    sample: int = LABEL_SAMPLE) -> List[Finding]:
     """Checks of a split's labels (a dataset.label_files reader): cluster use against ``num_classes``, on
     ``sample`` utterances spread over the split (all of it up to that), and, with ``num_frames`` (the labels each
     utterance's audio needs), every utterance's label count, from the index. Findings are at update 0."""
-    picks = np.unique(np.linspace(0, len(labels) - 1, min(sample, len(labels))).astype(np.int64))
+    picks = spread(len(labels), sample)
     ids = np.concatenate([labels[int(i)] for i in picks]) if len(picks) else np.zeros(0, dtype=np.int64)
     outside = (ids < 0) | (ids >= num_classes)
     counts = np.bincount(ids[~outside], minlength=num_classes)
@@ -183,6 +188,17 @@ def label_findings(labels, num_classes: int, num_frames: Optional[np.ndarray] = 
                                               f"match their audio (first: line {bad[0] + 1}, {have[bad[0]]} labels "
                                               f"for {num_frames[bad[0]]} frames)"))
     return found
+
+
+def label_prior(dataset_path, feature_type: str, split: str = "valid", sample: int = LABEL_SAMPLE) -> float:
+    """Accuracy of always guessing a split's commonest label, on the frames training scores (MFCC labels are
+    100 Hz: every other one), over ``sample`` utterances spread over it: what masked accuracy must beat."""
+    from dataset.label_files import open_labels
+
+    from utils.label_quality import prior_of
+
+    labels = open_labels(Path(dataset_path) / "label", split)
+    return prior_of((labels[int(i)] for i in spread(len(labels), sample)), feature_type)
 
 
 def dataset_label_findings(dataset_path, feature_type: str, num_classes: int, split: str = "train",

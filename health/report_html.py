@@ -13,6 +13,7 @@ PANELS: Sequence[Tuple[str, Sequence[str]]] = (
     ("validation loss", ("val_loss",)),
     ("masked accuracy", ("train_masked_accuracy", "val_masked_accuracy")),
     ("unmasked accuracy", ("train_unmasked_accuracy", "val_unmasked_accuracy")),
+    ("masked accuracy / label prior", ("train_masked_accuracy / label prior", "val_masked_accuracy / label prior")),
     ("validation CER / WER", ("val_cer", "val_wer")),
     ("learning rate", ("lr",)),
     ("gradient norm", ("grad_norm",)),

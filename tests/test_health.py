@@ -45,7 +45,8 @@ def test_a_healthy_run_reports_nothing_and_writes_the_page(healthy, capsys):
     out = capsys.readouterr().out
     assert f"{healthy}: no finding(s) in 12 updates (1 log version(s))" in out
     page = (healthy / "report.html").read_text()
-    assert "no findings" in page and page.count("<svg") >= 6 and "http" not in page.replace(
+    assert "no findings" in page and page.count("<svg") >= 7 and "masked accuracy / label prior" in page
+    assert "http" not in page.replace(
         "http://www.w3.org/2000/svg", "")  # nothing to fetch: opens offline
     assert not logged_health(healthy)
 

@@ -13,10 +13,20 @@ from pathlib import Path
 from typing import List
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repo's packages
-from health.checks import Finding, dataset_label_findings, history_findings  # noqa: E402
+from health.checks import Finding, dataset_label_findings, history_findings, label_prior  # noqa: E402
 from health.history import RunHistory, read_run  # noqa: E402
 from health.report_html import render  # noqa: E402
 from utils.common_utils import atomic_write  # noqa: E402
+
+
+def add_prior_ratios(h: RunHistory) -> None:
+    """Masked accuracies over the label prior (of the valid split) as series of their own, for the page."""
+    p = h.hparams
+    if h.kind != "pretrain" or not (Path(str(p.get("dataset_path", ""))) / "label").is_dir():
+        return
+    prior = label_prior(p["dataset_path"], p["feature_type"])
+    for name in ("train_masked_accuracy", "val_masked_accuracy"):
+        h.series[f"{name} / label prior"] = [(s, v / prior) for s, v in h.points(name)]
 
 
 def findings(h: RunHistory, labels: bool = True) -> List[Finding]:
@@ -42,6 +52,9 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:
         raise SystemExit(f"report.py: error: {e}")
     runs = [(str(d), h, findings(h, not args.no_labels)) for d, h in zip(args.run_dirs, histories)]
+    for h in [*histories, *trusted]:
+        if not args.no_labels:
+            add_prior_ratios(h)
     page = render(runs, trusted)
     for name, h, found in runs:
         print(f"{name}: {len(found) or 'no'} finding(s) in {h.last_step + 1} updates "

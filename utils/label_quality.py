@@ -21,6 +21,7 @@ trimmed; up to MAX_FRAME_MISMATCH frames of difference are tolerated, more is an
 """
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -180,7 +181,12 @@ def measure_arrays(ids, num_samples, labels, alignments, label_rate=None, source
 def prior_accuracy(label_path, feature_type: str) -> float:
     """Accuracy of always guessing the most frequent label, on the frames training scores (50 Hz: MFCC
     labels are 100 Hz and train.py keeps every other one): the floor a model's masked accuracy must beat."""
+    return prior_of((np.array(line.split(), dtype=np.int64) for line in Path(label_path).read_text().splitlines()),
+                    feature_type)
+
+
+def prior_of(labels: Iterable[np.ndarray], feature_type: str) -> float:
+    """``prior_accuracy`` of utterances' label arrays."""
     step = 2 if feature_type == "mfcc" else 1
-    labels = np.concatenate([np.array(line.split(), dtype=np.int64)[::step]
-                             for line in Path(label_path).read_text().splitlines()])
-    return float(np.bincount(labels).max() / len(labels))
+    ids = np.concatenate([np.asarray(x)[::step] for x in labels])
+    return float(np.bincount(ids).max() / len(ids))
