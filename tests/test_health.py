@@ -185,3 +185,30 @@ def test_the_report_page_renders_offline_in_a_browser(healthy, tmp_path):
 def test_a_folder_without_logs_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match=r"report.py: error: .*: no lightning_logs/version_\*/metrics.csv"):
         report.main([str(tmp_path)])
+
+
+def history(hparams=None, **series):
+    from pathlib import Path
+
+    from health.history import RunHistory
+
+    return RunHistory(Path("."), hparams or {}, {k: list(enumerate(v)) for k, v in series.items()})
+
+
+def test_spike_divergence_and_falling_accuracy_thresholds():
+    """The thresholds on made-up histories (real runs that spike or diverge take longer than a test may)."""
+    from health.checks import falling, loss_spikes
+
+    flat = [5.0] * 30
+    assert loss_spikes(history(train_loss_step=flat)) == []
+    spiked = flat[:20] + [7.6] + flat[21:]  # over 1.5x the median 5.0 of the ten before it
+    assert checks(loss_spikes(history(train_loss_step=spiked))) == ["spike"]
+    assert loss_spikes(history(train_loss_step=flat[:20] + [7.4] + flat[21:])) == []
+    assert loss_spikes(history({"warmup_updates": 25}, train_loss_step=spiked)) == []  # in the warm-up
+    rising = [5.0 - 0.1 * i for i in range(20)] + [3.1 + 0.2 * i for i in range(20)]
+    # found after the ten values with the lowest median (updates 12-21, around the turn at 19)
+    assert [(f.check, f.step) for f in loss_spikes(history(train_loss_step=rising))] == [("divergence", 22)]
+    assert falling(history(val_masked_accuracy=[0.20, 0.21, 0.205, 0.20, 0.199])) == [Finding(
+        "accuracy falling", 2, "val_masked_accuracy went 0.21 -> 0.199 over 3 validations")]
+    assert falling(history(val_masked_accuracy=[0.20, 0.21, 0.209, 0.208, 0.207])) == []  # by less than 0.01
+    assert falling(history({"decay_updates": 1}, val_cer=[0.9, 0.8, 0.82, 0.84, 0.86]))[0].step == 2
