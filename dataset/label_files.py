@@ -11,7 +11,6 @@ stay nearly flat in corpus size (60 k h of 50 Hz labels is ~40 GB of text). Two 
 """
 import io
 import logging
-import os
 import zipfile
 from pathlib import Path
 from typing import List, Tuple
@@ -20,7 +19,7 @@ import numpy as np
 
 from utils.common_utils import atomic_write
 
-from .text_blocks import NEWLINE, whole_lines
+from .text_blocks import NEWLINE, FileRanges, whole_lines
 
 log = logging.getLogger(__name__)
 
@@ -50,42 +49,26 @@ def npy_header(dtype: np.dtype, length: int) -> bytes:
     return f.getvalue()
 
 
-class _LazyFile:
-    """Opens what it reads on first use in each process: pickled into a DataLoader worker it carries its index
-    arrays, not an open file or a copy of a memory map."""
-
-    _opened = ()
-
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in self._opened}
-
-
-class TextLabels(_LazyFile):
-    _opened = ("_fd",)
-
+class TextLabels:
     def __init__(self, path) -> None:
         self.path = Path(path)
         self.starts, self.counts = text_index(self.path)  # starts: one more than lines (the file's end)
+        self._file = FileRanges(self.path)
 
     def __len__(self) -> int:
         return len(self.counts)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        if "_fd" not in self.__dict__:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        start, end = int(self.starts[index]), int(self.starts[index + 1])
         try:
-            return np.array(os.pread(self._fd, end - start, start).split(), dtype=np.int64)
+            return np.array(self._file.read(int(self.starts[index]), int(self.starts[index + 1])).split(),
+                            dtype=np.int64)
         except ValueError as e:
             raise ValueError(f"{self.path}:{index + 1}: not a line of integer labels ({e})") from None
 
-    def __del__(self) -> None:
-        if "_fd" in self.__dict__:
-            os.close(self._fd)
 
-
-class NpyLabels(_LazyFile):
-    _opened = ("_ids", "_offsets")
+class NpyLabels:
+    """Memory-mapped ids and offsets, mapped on first use in each process: pickled into a DataLoader worker it
+    carries the paths, not a copy of the maps."""
 
     def __init__(self, path, offsets_path) -> None:
         self.path, self.offsets_path = Path(path), Path(offsets_path)
@@ -96,6 +79,9 @@ class NpyLabels(_LazyFile):
                 or offsets[-1] != len(ids) or (np.diff(offsets) < 0).any():
             raise ValueError(f"{self.offsets_path}: not the offsets of {self.path} ({len(ids)} labels): expected "
                              f"int64 from 0, non-decreasing, ending at {len(ids)}")
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_ids", "_offsets")}
 
     def _open(self) -> Tuple[np.ndarray, np.ndarray]:
         if "_ids" not in self.__dict__:

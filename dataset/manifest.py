@@ -8,7 +8,7 @@ from typing import Tuple
 
 import numpy as np
 
-from .text_blocks import whole_lines
+from .text_blocks import FileRanges, whole_lines
 
 BLOCK = 1 << 24  # bytes parsed at a time (the digit matrix of a block is ~5x its size)
 TAB, ZERO = 9, 48
@@ -26,16 +26,13 @@ class Manifest:
         self.root, self.starts, self.path_ends, self.lengths = _parse(self.tsv)
         if not len(self.lengths):
             raise ValueError(f"{self.tsv}: lists no utterances")
-        self._fd = None
+        self._file = FileRanges(self.tsv)
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def audio_path(self, index: int) -> str:
-        if self._fd is None:
-            self._fd = os.open(self.tsv, os.O_RDONLY)
-        start, end = int(self.starts[index]), int(self.path_ends[index])
-        return f"{self.root}/{os.pread(self._fd, end - start, start).decode()}"
+        return f"{self.root}/{self._file.read(int(self.starts[index]), int(self.path_ends[index])).decode()}"
 
     def check_files_exist(self) -> None:
         """Every listed file exists, or (long lists) a fixed sample of them, the first and the last: that
@@ -48,13 +45,6 @@ class Manifest:
             checked = "listed" if n <= CHECK_ALL_UP_TO else f"of {len(picks)} checked"
             raise FileNotFoundError(f"{self.tsv}: {len(missing)} {checked} audio file(s) do not exist, "
                                     f"first: {missing[0]}")
-
-    def __getstate__(self) -> dict:  # a worker process opens the file itself
-        return {**self.__dict__, "_fd": None}
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
 
 
 def _parse(tsv: Path) -> Tuple[str, np.ndarray, np.ndarray, np.ndarray]:

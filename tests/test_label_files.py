@@ -9,6 +9,7 @@ import pytest
 
 from dataset import label_files
 from dataset.label_files import NpyLabels, TextLabels, npy_header, open_labels, text_index, text_index_path
+from dataset.text_blocks import FileRanges
 
 LINES = ["1 2 3", "", "40  5 ", "7", " 8 9 10 11", "12"]  # double and edge spaces, an empty line
 
@@ -22,7 +23,7 @@ def test_text_index_in_blocks_cut_anywhere(tmp_path, monkeypatch):
             starts, counts = label_files._scan(path)
             assert counts.tolist() == [len(line.split()) for line in LINES] and starts[-1] == path.stat().st_size
             labels = TextLabels.__new__(TextLabels)
-            labels.path, labels.starts, labels.counts = path, starts, counts
+            labels.path, labels.starts, labels.counts, labels._file = path, starts, counts, FileRanges(path)
             assert [labels[i].tolist() for i in range(len(LINES))] == [list(map(int, x.split())) for x in LINES]
 
 

@@ -49,7 +49,7 @@ def test_pickled_copy_reads_paths_itself(tmp_path):
     m = Manifest(write_tsv(tmp_path / "x.tsv", "/r", [("a.flac", 1), ("bb.flac", 2)]))
     assert m.audio_path(1) == "/r/bb.flac"  # opens the file
     copy = pickle.loads(pickle.dumps(m))
-    assert copy._fd is None and copy.audio_path(0) == "/r/a.flac"
+    assert copy._file._fd is None and copy.audio_path(0) == "/r/a.flac"
 
 
 def test_long_lists_check_a_sample_of_their_files(tmp_path, monkeypatch):
