@@ -1,6 +1,5 @@
 """The HuBERT pre-training LightningModule (spec §8): manual optimisation, global masked-frame loss
 normalisation, gradient accumulation, clipping, metrics reduced across ranks, and resumable data."""
-import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -77,7 +76,6 @@ class HuBERTPreTrainModule(pl.LightningModule):
         self.static = static_logit_generator
         self.stats = {"train": torch.zeros(len(STATS)), "val": torch.zeros(len(STATS))}
         self.skipped_steps = 0
-        self._last_step_time: Optional[float] = None
         self._datasets = {}
         self._loaders = {}
         self._resume_without_data_position = False
@@ -129,8 +127,8 @@ class HuBERTPreTrainModule(pl.LightningModule):
         return totals[0] / totals[1]
 
     def _accumulate(self, update: UpdateBatch, opt) -> Optional[Tensor]:
-        """Forward and backward of every micro-batch; their STATS row plus audio seconds, summed over
-        micro-batches and ranks, or None as soon as some rank's loss is not finite (every rank stops there)."""
+        """Forward and backward of every micro-batch; their STATS row, summed over micro-batches
+        and ranks, or None as soon as some rank's loss is not finite (every rank stops there)."""
         h = self.hparams
         totals = []
         for micro, (micro_batch, num_samples) in enumerate(zip(update.micro_batches, update.num_samples)):
@@ -138,8 +136,7 @@ class HuBERTPreTrainModule(pl.LightningModule):
             last = micro == len(update.micro_batches) - 1
             with opt.toggle_model(sync_grad=last):  # DDP all-reduces after the last
                 loss, row = self._step(micro_batch, num_samples)
-                audio = micro_batch[2].sum().float() / SAMPLE_RATE
-                local = torch.cat([row, audio[None], torch.isfinite(loss.detach()).float()[None]])
+                local = torch.cat([row, torch.isfinite(loss.detach()).float()[None]])
                 gathered = self.all_gather(local).reshape(-1, len(local))  # (world_size, ...)
                 total = gathered.sum(0)
                 if total[-1] < len(gathered):
@@ -163,21 +160,16 @@ class HuBERTPreTrainModule(pl.LightningModule):
         return True
 
     def _log_train(self, total: Tensor) -> None:
-        """Per-step loss, epoch-to-date loss and accuracies (all global), and audio seconds per second."""
+        """Per-step loss, epoch-to-date loss and accuracies (all global)."""
         self.stats["train"] = self.stats["train"].to(total) + total[: len(STATS)]
         loss, masked, masked_correct, unmasked, unmasked_correct = self.stats["train"]
         self.log("train_loss_step", total[0] / total[1])
         self.log("train_loss", loss / masked, prog_bar=True)
         self.log("train_masked_accuracy", masked_correct / masked, prog_bar=True)
         self.log("train_unmasked_accuracy", unmasked_correct / unmasked.clamp_min(1))
-        now = time.perf_counter()
-        if self._last_step_time is not None:
-            self.log("audio_seconds_per_second", total[len(STATS)] / (now - self._last_step_time))
-        self._last_step_time = now
 
     def on_train_epoch_start(self):
         self.stats["train"].zero_()
-        self._last_step_time = None
 
     def on_train_batch_start(self, batch, batch_idx):
         align_logging_step(self.trainer, self.skipped_steps)

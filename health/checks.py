@@ -5,6 +5,8 @@ Thresholds (module constants, documented in the README):
 - non-finite: any logged loss that is NaN or inf; skipped: any update skipped for a non-finite loss or gradient.
 - spike: a training loss over SPIKE_FACTOR x the median of the SPIKE_WINDOW values logged before it (after the
   warm-up); divergence: the median of the last SPIKE_WINDOW values over DIVERGENCE_FACTOR x the lowest such median.
+  Both per kind of run, set above what the trusted runs' healthy seeds reach (docs/trusted_runs.md): fine-tuning
+  logs CTC loss per utterance, which moves with the batch's utterance lengths.
 - accuracy falling: masked validation accuracy lower at FALLING_VALIDATIONS validations in a row, by
   FALLING_TOTAL in all (fine-tuning: the CER rising likewise).
 - LR: a logged learning rate off the schedule the flags give by more than LR_TOLERANCE (relative).
@@ -25,7 +27,9 @@ import torch
 
 from health.history import RunHistory
 
-SPIKE_WINDOW, SPIKE_FACTOR, DIVERGENCE_FACTOR = 10, 1.5, 1.3
+SPIKE_WINDOW = 10
+SPIKE_FACTOR = {"pretrain": 1.8, "finetune": 2.5}
+DIVERGENCE_FACTOR = {"pretrain": 1.3, "finetune": 1.6}
 FALLING_VALIDATIONS, FALLING_TOTAL = 3, 0.01
 LR_TOLERANCE = 0.02
 SLOW_FACTOR, SLOW_POINTS = 0.5, 3
@@ -60,14 +64,15 @@ def loss_spikes(h: RunHistory) -> List[Finding]:
     warmup = int(h.hparams.get("warmup_updates", 0))
     points = [(s, v) for s, v in h.points("train_loss_step") if math.isfinite(v)]
     found, medians = [], []
+    spike, divergence = SPIKE_FACTOR[h.kind], DIVERGENCE_FACTOR[h.kind]
     for i in range(SPIKE_WINDOW, len(points)):
         median = statistics.median(v for _, v in points[i - SPIKE_WINDOW:i])
         medians.append(median)
         step, value = points[i]
-        if step > warmup and value > SPIKE_FACTOR * median and not any(f.check == "spike" for f in found):
+        if step > warmup and value > spike * median and not any(f.check == "spike" for f in found):
             found.append(Finding("spike", step, f"train_loss_step {value:.3g} is {value / median:.1f}x the median "
                                                 f"of the {SPIKE_WINDOW} values before it"))
-    if medians and medians[-1] > DIVERGENCE_FACTOR * min(medians):
+    if medians and medians[-1] > divergence * min(medians):
         low = medians.index(min(medians)) + SPIKE_WINDOW
         found.append(Finding("divergence", points[low][0], f"training loss rose from a median of {min(medians):.3g} "
                                                            f"to {medians[-1]:.3g}"))

@@ -18,7 +18,8 @@ PANELS: Sequence[Tuple[str, Sequence[str]]] = (
     ("learning rate", ("lr",)),
     ("gradient norm", ("grad_norm",)),
     ("skipped updates", ("skipped_steps",)),
-    ("throughput (audio s/s, this rank)", ("audio_seconds_per_second",)),
+    ("throughput (audio s/s, rank 0)", ("audio_seconds_per_second",)),
+    ("padding share of the batches (rank 0)", ("padding_share",)),
     ("loader wait per update (s)", ("data_wait",)),
 )
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")

@@ -71,6 +71,9 @@ def test_finetune_learns_to_read_the_tones(corpus, pretrained, tmp_path, capsys)
     assert np.mean(losses[-5:]) < 0.3 * np.mean(losses[:3]), losses
     assert val_losses[-1] < 0.5 * val_losses[0], val_losses
     assert "val CER" in capsys.readouterr().out
+    shares = [float(r["padding_share"]) for r in rows if r["padding_share"]]
+    assert len(shares) == 40 and all(0 <= v < 1 for v in shares) and max(shares) > 0  # padded, not cropped
+    assert sum(1 for r in rows if r["audio_seconds_per_second"]) == 40
 
     ckpt = load_checkpoint(last_ckpt(tmp_path / "exp"))
     keys = ckpt["state_dict"].keys()

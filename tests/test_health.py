@@ -49,6 +49,65 @@ def test_a_healthy_run_reports_nothing_and_writes_the_page(healthy, capsys):
     assert "http" not in page.replace(
         "http://www.w3.org/2000/svg", "")  # nothing to fetch: opens offline
     assert not logged_health(healthy)
+    h = read_run(healthy)
+    shares, rates = h.points("padding_share"), h.points("audio_seconds_per_second")
+    assert [s for s, _ in shares] == [s for s, _ in rates] == [s for s, _ in h.points("train_loss_step")]
+    assert all(0 <= v < 1 for _, v in shares) and all(v > 0 for _, v in rates)
+
+
+def test_trusted_runs_are_the_default_reference(healthy, tmp_path, monkeypatch, capsys):
+    """Trusted copies of a run (small: kept metrics, recipe flags, label prior) are found by recipe: the report
+    draws their band without --against; a copy with other flags is not used."""
+    from health import trusted
+
+    h = read_run(healthy)
+    for seed in (1, 2):
+        trusted.save_trusted(h, tmp_path / "demo" / f"seed_{seed}" / "iter1", label_prior=0.25)
+    h.hparams["max_updates"] = 13
+    trusted.save_trusted(h, tmp_path / "other" / "seed_1" / "iter1")
+    monkeypatch.setattr(trusted, "TRUSTED", tmp_path)
+    copies = trusted.trusted_for(read_run(healthy))
+    assert len(copies) == 2 and copies[0].hparams["label_prior"] == 0.25
+    for name, points in read_run(healthy).series.items():
+        if name in trusted.KEPT:
+            assert [s for s, _ in copies[0].points(name)] == [s for s, _ in points]
+            assert [v for _, v in copies[0].points(name)] == pytest.approx([v for _, v in points], rel=1e-4)
+    assert report.main([str(healthy), "--no-labels"]) == 0
+    assert "against 2 trusted run(s)" in capsys.readouterr().out
+    page = (healthy / "report.html").read_text()
+    assert 'class="band"' in page and "band of 2 trusted run(s)" in page
+
+
+def test_the_kept_trusted_runs_pass_every_check():
+    """health/trusted/: >= 5 seeds of each recipe, each run found as its recipe's reference (with every seed)
+    and reporting nothing: the thresholds sit above what healthy seeds reach."""
+    from health.checks import history_findings
+    from health.trusted import TRUSTED, seeds_figures, trusted_for
+
+    for recipe, runs in (("demo", 4), ("tiny", 1)):
+        seeds = seeds_figures(recipe)
+        assert len(seeds) >= 5 and len({s["seed"] for s in seeds}) == len(seeds)
+        kept = sorted((TRUSTED / recipe).glob("seed_*/*/lightning_logs"))
+        assert len(kept) == runs * len(seeds)
+        for folder in kept:
+            h = read_run(folder.parent)
+            assert len(trusted_for(h)) == len(seeds), folder
+            assert history_findings(h) == [], folder
+
+
+def test_band_verdict_of_the_demo_figures():
+    """A new seed's figure is judged against the seeds' 99% prediction interval, and a CPU other than the
+    trusted runs' is named."""
+    from health.trusted import band_verdict, interval, machine
+
+    assert interval([1, 2, 3, 4, 5]) == pytest.approx((3 - 7.9745, 3 + 7.9745), abs=1e-3)
+    seeds = [{"machine": machine(), "figures": {"iteration 1": {"ratio": r}}} for r in (2.0, 2.2, 2.4, 2.1, 2.3)]
+    inside = band_verdict({"iteration 1": {"ratio": 2.6}}, seeds, [("iteration 1", "ratio")])
+    assert inside[-1] == "this run lies inside the band of 5 trusted seeds"
+    seeds[0]["machine"] = {**machine(), "capability": "AVX2", "bf16": False}
+    outside = band_verdict({"iteration 1": {"ratio": 1.0}}, seeds, [("iteration 1", "ratio")])
+    assert "OUTSIDE the band of 5 trusted seeds (iteration 1 ratio)" in outside[-1]
+    assert "made on a CPU with AVX2 (bf16 False)" in outside[-1] and "figures differ across CPUs" in outside[-1]
 
 
 def test_an_extended_run_is_stitched_and_its_changed_schedule_found(healthy, data, tmp_path, capsys):
@@ -201,9 +260,12 @@ def test_spike_divergence_and_falling_accuracy_thresholds():
 
     flat = [5.0] * 30
     assert loss_spikes(history(train_loss_step=flat)) == []
-    spiked = flat[:20] + [7.6] + flat[21:]  # over 1.5x the median 5.0 of the ten before it
+    spiked = flat[:20] + [9.1] + flat[21:]  # over 1.8x the median 5.0 of the ten before it
     assert checks(loss_spikes(history(train_loss_step=spiked))) == ["spike"]
-    assert loss_spikes(history(train_loss_step=flat[:20] + [7.4] + flat[21:])) == []
+    assert loss_spikes(history(train_loss_step=flat[:20] + [8.9] + flat[21:])) == []
+    assert loss_spikes(history({"decay_updates": 1}, train_loss_step=spiked)) == []  # fine-tuning: 2.5x
+    assert checks(loss_spikes(history({"decay_updates": 1}, train_loss_step=flat[:20] + [12.6] + flat[21:]))) == [
+        "spike"]
     assert loss_spikes(history({"warmup_updates": 25}, train_loss_step=spiked)) == []  # in the warm-up
     rising = [5.0 - 0.1 * i for i in range(20)] + [3.1 + 0.2 * i for i in range(20)]
     # found after the ten values with the lowest median (updates 12-21, around the turn at 19)

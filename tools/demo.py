@@ -9,6 +9,7 @@ are; per fine-tuning: character error rate on the held-out speakers) and PNGs of
     python tools/demo.py [--out exp_demo] [--corpus demo_data]
 """
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -19,8 +20,10 @@ import finetune  # noqa: E402
 import preprocess  # noqa: E402
 import train  # noqa: E402
 from evaluate import evaluate_folder  # noqa: E402
+from health.trusted import band_verdict, machine, seeds_figures  # noqa: E402
 from tools.heldout_quality import heldout_quality  # noqa: E402
 from utils.checkpoint import load_finetuned_model  # noqa: E402
+from utils.common_utils import atomic_write  # noqa: E402
 from utils.ctc import greedy_decode  # noqa: E402
 from utils.curves import FINETUNING_PANELS, last, metrics_csv, plot_curves, read_metrics  # noqa: E402
 from utils.feature_utils import hubert_extractor, mfcc_extractor  # noqa: E402
@@ -34,6 +37,11 @@ FINETUNE_RECIPE = ["--accelerator", "cpu", "--devices", "1", "--num-workers", "1
                    "--learning-rate", "1e-3", "--freeze-encoder-updates", "20", "--warmup-updates", "20",
                    "--hold-updates", "1000", "--decay-updates", "100", "--mask-prob", "0", "--mask-channel-prob", "0",
                    "--encoder-layer-drop", "0", "--val-check-interval", "25", "--log-every-n-steps", "5"]
+
+
+# The figures the demo checks against its trusted runs' band: those that seeds move little (docs/trusted_runs.md;
+# iteration 2's ratio spans 1.9-3.5 over 5 seeds: its labels, hence their prior, change with the seed).
+BAND_FIGURES = [("iteration 1", "ratio"), ("iteration 2", "pnmi_heldout"), ("fine-tuning from iteration 2", "cer")]
 
 
 def finetune_schedule(updates: int) -> list:
@@ -51,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--num-cluster", type=int, default=100, help="k of both k-means")
     p.add_argument("--layer-index", type=int, default=4, help="iteration-1 layer that makes iteration 2's labels")
     p.add_argument("--finetune-updates", type=int, default=150, help="optimizer updates of each CTC fine-tuning")
+    p.add_argument("--seed", type=int, default=1337, help="train.py's and finetune.py's --seed (k-means keep theirs)")
     return p.parse_args(argv)
 
 
@@ -66,7 +75,7 @@ def pretrain(args, data: Path, exp: Path, feature_type: str, updates: int) -> Pa
     train.main(["--dataset-path", str(data), "--exp-dir", str(exp), "--feature-type", feature_type,
                 "--num-classes", str(args.num_cluster), "--max-updates", str(updates),
                 "--warmup-updates", str(max(1, updates // 10)), "--val-check-interval", str(max(1, updates // 5)),
-                "--log-every-n-steps", "5", *TINY_ON_CPU])
+                "--log-every-n-steps", "5", "--seed", str(args.seed), *TINY_ON_CPU])
     return exp / "checkpoints_librispeech_hubert_pretrain_tiny" / "last.ckpt"
 
 
@@ -101,7 +110,7 @@ def main(argv=None):
     ckpt2 = pretrain(args, labels2, args.out / "iter2", "hubert", args.updates[1])
     u = args.finetune_updates
     finetuned = [(name, *finetune_and_score(args.corpus, args.out / f"finetune_{tag}", source, u,
-                                            finetune_schedule(u)))
+                                            [*finetune_schedule(u), "--seed", str(args.seed)]))
                  for name, tag, source in (("iteration 2", "iter2", ["--checkpoint", str(ckpt2)]),
                                            ("random init", "random", ["--random-init", "--model-name",
                                                                       "hubert_pretrain_tiny"]))]
@@ -140,6 +149,15 @@ def main(argv=None):
     print(f"fine-tuned: checkpoints {args.out}/finetune_{{iter2,random}}/checkpoints_hubert_pretrain_tiny, "
           f"evaluate: python evaluate.py --checkpoint .../last.ckpt --data-dir {args.corpus}/LibriSpeech/dev-clean")
     print(f"curves: {png}, {ft_png}")
+    figures = {name: dict(pnmi_train=seen, pnmi_heldout=unseen, val_masked_accuracy=acc, label_prior=prior,
+                          ratio=acc / prior) for name, _, seen, unseen, acc, prior, *_ in rows}
+    figures.update({f"fine-tuning from {name}": dict(cer=counts.cer, wer=counts.wer) for name, counts, _ in finetuned})
+    with atomic_write(args.out / "figures.json", "w") as f:
+        json.dump(dict(seed=args.seed, machine=machine(), figures=figures), f, indent=1)
+    seeds = seeds_figures("demo")
+    if len(seeds) >= 2:
+        print(f"\nagainst the trusted runs (health/trusted/demo, seeds {', '.join(str(s['seed']) for s in seeds)}):")
+        print("\n".join(band_verdict(figures, seeds, BAND_FIGURES)))
     return rows, finetuned
 
 

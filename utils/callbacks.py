@@ -11,6 +11,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
 
+from utils.common_utils import SAMPLE_RATE
+
 
 class CheckpointKeeper(pl.Callback):
     """After every validation, and when training ends, the state is written once, as upstream's
@@ -101,8 +103,11 @@ def link(target: Path, path: Path) -> None:
 
 class TrainStatCallback(pl.Callback):
     """Rank 0 prints epoch and validation times and a summary at the end: time per update after
-    ``skip_steps`` updates and the time the training loop waited for data. ``data_wait`` (seconds before
-    each update's batch arrived) is logged every update; the first update of an epoch includes starting it."""
+    ``skip_steps`` updates and the time the training loop waited for data. Logged every update (rank 0's, from
+    the batch's host-side lengths and shapes: no device sync): ``data_wait`` (seconds before the update's batch
+    arrived; the first update of an epoch includes starting it), ``audio_seconds_per_second`` (this rank's audio
+    over the time since the previous update ended, waits included, validation not) and ``padding_share`` (the
+    share of the batch tensors that is padding)."""
 
     def __init__(self, skip_steps: int):
         self.skip_steps = skip_steps
@@ -131,8 +136,12 @@ class TrainStatCallback(pl.Callback):
         pl_module.log("data_wait", wait)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        audio = sum(map(sum, batch.num_samples))
+        pl_module.log("padding_share", 1 - audio / sum(micro[0].numel() for micro in batch.micro_batches))
+        pl_module.log("audio_seconds_per_second", audio / SAMPLE_RATE / (now - self.ready))
         if self.timed_start is None and trainer.global_step >= self.skip_steps:
-            self.timed_start = (time.perf_counter(), trainer.global_step)
+            self.timed_start = (now, trainer.global_step)
         self.ready = time.perf_counter()
 
     def on_validation_epoch_start(self, trainer, pl_module):
