@@ -1,4 +1,6 @@
 """tools/demo.py end to end on the embedded corpus, with a few updates per iteration."""
+import json
+
 import torch
 
 from tools.demo import main
@@ -22,3 +24,7 @@ def test_demo_runs_both_iterations_and_reports(tmp_path, capsys):
         assert (tmp_path / "demo" / png).stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "iteration 2" in out and "held-out CER" in out and "curves:" in out
+    assert "not compared with the trusted runs: they were made with the default flags" in out
+    figures = json.loads((tmp_path / "demo" / "figures.json").read_text())
+    assert figures["seed"] == 1337 and figures["figures"]["fine-tuning from iteration 2"]["cer"] == finetuned[0][1].cer
+    assert figures["figures"]["iteration 1"]["ratio"] == rows[0][4] / rows[0][5]
