@@ -1,14 +1,14 @@
 # Two commands a new user needs: `make demo` and `make test`.
-# Each creates .venv from the requirements when it is missing or stale.
+# Each creates .venv from the lock (requirements-lock.txt: the exact versions CI runs) when it is missing or stale.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
 .PHONY: demo test espeak chromium clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements-lock.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-lock.txt
 	touch $@
 
 # espeak-ng synthesizes the demo corpus and test fixtures (Debian/Ubuntu package).

@@ -1,0 +1,128 @@
+"""Tested stacks: the whole test suite on the lowest and on the highest versions that requirements.txt allows.
+
+    python bench/stacks.py                    # both ends, then the table
+    python bench/stacks.py --stack lowest     # one end
+    python bench/stacks.py --table            # the table of the results already there
+
+Each stack gets a venv of its own, .stacks/<name>/ (a few GB: the PyTorch wheels). First the stack's torch and
+torchaudio alone, as a platform provides them (an Intel Gaudi container, a cluster's module); then
+`pip install --dry-run -r requirements-dev.txt` must keep that torch (read from pip's JSON report: the
+requirements' ranges, not an exact pin); then the requirements installed with the stack's versions
+(bench/stacks/<name>.txt). Then the two pytest runs of `make test`, timed. Each stack's result goes to
+.stacks/<name>/result.json; the table (versions, keeps torch, passed/failed, minutes) is BENCHMARKS.md's
+"Tested stacks".
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STACKS = REPO / "bench" / "stacks"
+WORK = REPO / ".stacks"
+CORE = ("torch", "torchaudio", "pytorch-lightning", "numpy", "scikit-learn")
+# make test's two runs: the suite, then the numerics tests again on torch's generic CPU kernels.
+SUITE_RUNS = (("suite", {}, []), ("numerics (default CPU kernels)", {"ATEN_CPU_CAPABILITY": "default"}, ["-m", "numerics"]))
+
+
+def pins(name: str) -> dict:
+    """The ``name==version`` lines of bench/stacks/<name>.txt."""
+    lines = (STACKS / f"{name}.txt").read_text().splitlines()
+    return dict(line.split("==") for line in lines if line and not line.startswith("#"))
+
+
+def pip(python: Path, *args, **kwargs) -> subprocess.CompletedProcess:
+    print("+ pip", " ".join(args), flush=True)
+    return subprocess.run([str(python), "-m", "pip", *args], check=True, cwd=REPO, **kwargs)
+
+
+def installed(python: Path) -> dict:
+    out = subprocess.run([str(python), "-m", "pip", "list", "--format", "json"], check=True, text=True,
+                         capture_output=True).stdout
+    return {p["name"].lower(): p["version"] for p in json.loads(out)}
+
+
+def kept_torch(python: Path, work: Path) -> bool:
+    """Whether installing the requirements into an environment that has a torch inside the range leaves it."""
+    report = work / "dry_run.json"
+    pip(python, "install", "-q", "--dry-run", "--report", str(report), "-r", "requirements-dev.txt")
+    replaced = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
+    print("the dry run would install:", ", ".join(sorted(replaced)) or "nothing", flush=True)
+    return not replaced & {"torch", "torchaudio"}
+
+
+def counts(output: str) -> dict:
+    """pytest's closing line as numbers: {'passed': 391, 'failed': 2, ...}."""
+    tail = output.strip().splitlines()[-1] if output.strip() else ""
+    return {word.rstrip("s") if word == "errors" else word: int(n)
+            for n, word in re.findall(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed)", tail)}
+
+
+def run_suite(python: Path, work: Path) -> list:
+    runs = []
+    for label, extra_env, args in SUITE_RUNS:
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **extra_env}
+        start = time.monotonic()
+        proc = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=REPO,
+                              env=env, text=True, capture_output=True)
+        minutes = (time.monotonic() - start) / 60
+        log = work / f"pytest_{len(runs)}.log"
+        log.write_text(proc.stdout + proc.stderr)
+        runs.append({"run": label, "minutes": round(minutes, 1), "returncode": proc.returncode,
+                     "log": str(log.relative_to(REPO)), **counts(proc.stdout)})
+        print(f"{label}: {runs[-1]}", flush=True)
+    return runs
+
+
+def build_and_test(name: str) -> dict:
+    work = WORK / name
+    python = work / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(work)], check=True)
+    versions = pins(name)
+    pip(python, "install", "-q", f"torch=={versions['torch']}", f"torchaudio=={versions['torchaudio']}")
+    keeps = kept_torch(python, work)
+    pip(python, "install", "-q", "-r", "requirements-dev.txt", "-c", str(STACKS / f"{name}.txt"))
+    have = installed(python)
+    result = {"stack": name, "python": sys.version.split()[0], "keeps_torch": keeps,
+              "versions": {p: have.get(p) for p in CORE}, "runs": run_suite(python, work)}
+    (work / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def table(results: list) -> str:
+    lines = ["| stack | " + " | ".join(CORE) + " | Python | keeps an installed torch | suite | numerics (default "
+             "kernels) | minutes |", "|" + "---|" * (len(CORE) + 6)]
+    for r in results:
+        suite = ["{passed} passed, {failed} failed".format(**{"passed": 0, "failed": 0, **run})
+                 for run in r["runs"]]
+        minutes = " + ".join(str(run["minutes"]) for run in r["runs"])
+        lines.append(f"| {r['stack']} | " + " | ".join(r["versions"][p] or "-" for p in CORE)
+                     + f" | {r['python']} | {'yes' if r['keeps_torch'] else 'NO'} | " + " | ".join(suite)
+                     + f" | {minutes} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stack", choices=("lowest", "highest"), action="append",
+                   help="the stack(s) to build and test (default: both)")
+    p.add_argument("--table", action="store_true", help="only print the table of the results in .stacks/")
+    args = p.parse_args(argv)
+    names = args.stack or ["lowest", "highest"]
+    if args.table:
+        results = [json.loads((WORK / n / "result.json").read_text()) for n in names
+                   if (WORK / n / "result.json").is_file()]
+    else:
+        results = [build_and_test(n) for n in names]
+    print(table(results))
+    ok = all(r["keeps_torch"] and all(run["returncode"] == 0 for run in r["runs"]) for r in results)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
