@@ -22,6 +22,8 @@ from pathlib import Path
 
 import utils.habana_env  # noqa: F401  (first: Habana's autocast op lists, set before torch loads)
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 import train
 from dataset import find_subset, librilight_folders
@@ -34,6 +36,7 @@ from utils.callbacks import CheckpointKeeper, TrainStatCallback, progress_bars
 from utils.device import PRECISIONS, configure_process, resolve_precision, set_hpu_autocast_lists
 from utils.launch import default_num_nodes
 from utils.loggers import run_loggers
+from utils.versions import log_stack
 
 
 def parse_args(argv=None):
@@ -156,6 +159,8 @@ def model_name_of(args, module) -> str:
 
 def build(args):
     """The Trainer and the LightningModule for these arguments (nothing runs yet)."""
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO)
+    log_stack("finetune.py", rank_zero_info, rank_zero_only(logging.warning))
     for path in (args.checkpoint, args.resume_checkpoint):
         if path is not None:
             try:  # fail now, naming the file, rather than deep inside Lightning
@@ -164,7 +169,6 @@ def build(args):
                 raise SystemExit(f"finetune.py: error: {e}")
             if path == args.resume_checkpoint:
                 exit_if_done(path, loaded, args.max_updates)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO)
     device = train.accelerator_name(args)
     precision = resolve_precision(args.precision, device, args.autocast)
     if precision.autocast and args.hpus > -1:  # before anything imports habana_frameworks: upstream's op lists

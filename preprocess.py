@@ -39,6 +39,7 @@ from utils.feature_utils import (Extractor, Shard, dump_features, feature_key, f
                                  mfcc_extractor, read_shards)
 from utils.kmeans import BACKENDS, fitted_inertia, import_faiss, kmeans_key, kmeans_picks, learn_kmeans, load_centers
 from utils.labels import FORMATS, is_done, label_paths, label_shard, merge_label_parts, split_key
+from utils.versions import log_stack
 
 log = logging.getLogger("preprocess")
 
@@ -245,6 +246,7 @@ def main(argv=None) -> None:
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(funcName)s: %(message)s" if args.debug else "%(message)s")
+    log_stack("preprocess.py", log.info, log.warning)
     start_time = time.perf_counter()
     job = setup(args)
     lists = [job.tsv_dir / f"{args.dataset}_{split}.tsv" for split in job.splits]

@@ -16,6 +16,7 @@ import utils.habana_env  # noqa: F401  (first: Habana's autocast op lists, set b
 import pytorch_lightning as pl
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from dataset import BucketAligner, bucket_boundaries
 from health.callback import HealthCallback, SkipGuard
@@ -28,6 +29,7 @@ from utils.device import (PRECISIONS, check_devices, compile_backend, configure_
                           hpu_accelerator_and_strategy, resolve_precision, set_hpu_autocast_lists)
 from utils.launch import default_num_nodes, launched_processes
 from utils.loggers import run_loggers
+from utils.versions import log_stack
 
 SCRIPT_DIR = Path(__file__).resolve().parent
 
@@ -231,13 +233,14 @@ def accelerator_and_strategy(args, num_nodes: int):
 
 def build(args):
     """The Trainer and the LightningModule for these arguments (nothing runs yet)."""
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO)
+    log_stack("train.py", rank_zero_info, rank_zero_only(logging.warning))
     if args.resume_checkpoint is not None:
         try:  # fail now, naming the file, rather than deep inside Lightning
             resumed = load_checkpoint(args.resume_checkpoint)
         except (OSError, ValueError) as e:
             raise SystemExit(f"train.py: error: --resume-checkpoint: {e}")
         exit_if_done(args.resume_checkpoint, resumed, args.max_updates)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO)
     precision = resolve_precision(args.precision, accelerator_name(args), args.use_autocast)
     if precision.autocast and args.hpus > -1:  # before anything imports habana_frameworks
         set_hpu_autocast_lists(str(SCRIPT_DIR / args.autocast_bf16), str(SCRIPT_DIR / args.autocast_fp32))

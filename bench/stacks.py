@@ -4,11 +4,11 @@
     python bench/stacks.py --stack lowest     # one end
     python bench/stacks.py --table            # the table of the results already there
 
-Each stack gets a venv of its own, .stacks/<name>/ (a few GB: the PyTorch wheels). First the stack's torch and
-torchaudio alone, as a platform provides them (an Intel Gaudi container, a cluster's module); then
-`pip install --dry-run -r requirements-dev.txt` must keep that torch (read from pip's JSON report: the
-requirements' ranges, not an exact pin); then the requirements installed with the stack's versions
-(bench/stacks/<name>.txt). Then the two pytest runs of `make test`, timed. Each stack's result goes to
+Each stack gets a venv of its own, .stacks/<name>/ (a few GB: the PyTorch wheels). First the stack's torch
+alone, as a platform provides it (an Intel Gaudi container, a cluster's module); then README's install commands
+(`python tools/keep_torch.py > keep-torch.txt; pip install -r requirements.txt -c keep-torch.txt`) as a dry run
+must keep that torch and pick the stack's torchaudio for it (read from pip's JSON report); then the
+requirements installed with the stack's versions (bench/stacks/<name>.txt). Then the two pytest runs of `make test`, timed. Each stack's result goes to
 .stacks/<name>/result.json; the table (versions, keeps torch, passed/failed, minutes) is BENCHMARKS.md's
 "Tested stacks".
 """
@@ -46,13 +46,18 @@ def installed(python: Path) -> dict:
     return {p["name"].lower(): p["version"] for p in json.loads(out)}
 
 
-def kept_torch(python: Path, work: Path) -> bool:
-    """Whether installing the requirements into an environment that has a torch inside the range leaves it."""
+def kept_torch(python: Path, work: Path, torchaudio: str) -> bool:
+    """Whether README's install command, in an environment with only a platform's torch, keeps that torch and
+    adds the torchaudio made for it."""
+    keep = work / "keep-torch.txt"
+    keep.write_text(subprocess.run([str(python), "tools/keep_torch.py"], cwd=REPO, check=True, capture_output=True,
+                                   text=True).stdout)
     report = work / "dry_run.json"
-    pip(python, "install", "-q", "--dry-run", "--report", str(report), "-r", "requirements-dev.txt")
-    replaced = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
-    print("the dry run would install:", ", ".join(sorted(replaced)) or "nothing", flush=True)
-    return not replaced & {"torch", "torchaudio"}
+    pip(python, "install", "-q", "--dry-run", "--report", str(report), "-r", "requirements.txt", "-c", str(keep))
+    chosen = {item["metadata"]["name"].lower(): item["metadata"]["version"]
+              for item in json.loads(report.read_text())["install"]}
+    print("the dry run would install:", ", ".join(f"{n} {v}" for n, v in sorted(chosen.items())), flush=True)
+    return "torch" not in chosen and chosen.get("torchaudio") == torchaudio
 
 
 def counts(output: str) -> dict:
@@ -84,8 +89,8 @@ def build_and_test(name: str) -> dict:
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(work)], check=True)
     versions = pins(name)
-    pip(python, "install", "-q", f"torch=={versions['torch']}", f"torchaudio=={versions['torchaudio']}")
-    keeps = kept_torch(python, work)
+    pip(python, "install", "-q", f"torch=={versions['torch']}")
+    keeps = kept_torch(python, work, versions["torchaudio"])
     pip(python, "install", "-q", "-r", "requirements-dev.txt", "-c", str(STACKS / f"{name}.txt"))
     have = installed(python)
     result = {"stack": name, "python": sys.version.split()[0], "keeps_torch": keeps,

@@ -9,9 +9,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import RichProgressBar
-from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
+from lightning_utilities.core.imports import RequirementCache
 
 from utils.common_utils import SAMPLE_RATE
+
+RICH = RequirementCache("rich>=10.2.2")  # what RichProgressBar needs (Lightning's own flag moved between versions)
 
 
 class CheckpointKeeper(pl.Callback):
@@ -184,4 +186,4 @@ class UpdateProgressBar(RichProgressBar):
 
 def progress_bars() -> list:
     """Ours where Lightning would show its rich bar; elsewhere its tqdm bar, which shows no last epoch."""
-    return [UpdateProgressBar()] if _RICH_AVAILABLE else []
+    return [UpdateProgressBar()] if RICH else []
