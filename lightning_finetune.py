@@ -92,7 +92,7 @@ class HuBERTFineTuneModule(pl.LightningModule):
             padding_mask = get_padding_mask(x, out_len)
             x, attention_mask = wav2vec2.encoder._preprocess(x, out_len)
             if self.training:
-                x, _ = self.model.mask_generator(x, padding_mask, None if draws is None else draws[:2])
+                x, _ = self.model.mask_generator(x, padding_mask, None if draws is None else (draws.mask, draws.channels))
             x = wav2vec2.encoder.transformer(x, attention_mask, None if draws is None else draws.dropped)
         logits = self.aux(x)
         return nn.functional.log_softmax(logits.float(), dim=-1).transpose(0, 1), out_len

@@ -93,7 +93,7 @@ class HuBERTPretrainModel(nn.Module):
         features_pen = at_least_fp32(x).pow(2).mean()
         padding_mask = components.get_padding_mask(x, lengths) if lengths is not None else None
         x, attention_mask = self.wav2vec2.encoder._preprocess(x, lengths)
-        x, mask = self.mask_generator(x, padding_mask, None if draws is None else draws[:2])
+        x, mask = self.mask_generator(x, padding_mask, None if draws is None else (draws.mask, draws.channels))
         x = self.wav2vec2.encoder.transformer(x, attention_mask, None if draws is None else draws.dropped)
         if mask is None:
             mask = torch.zeros_like(labels, dtype=torch.bool)

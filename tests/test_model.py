@@ -10,6 +10,7 @@ from model import (convert_conv_layout, hubert_pretrain_base, hubert_pretrain_la
                    hubert_pretrain_tiny, hubert_pretrain_xlarge)
 from model.logits import LOGIT_TEMP
 from tests.numerics import assert_fp32_close, assert_same_math, float64_copies
+from utils.versions import release
 
 pytestmark = pytest.mark.numerics  # run again under ATEN_CPU_CAPABILITY=default by make test
 
@@ -339,6 +340,8 @@ def test_dynamically_quantized_model_scripts_with_equal_outputs(tmp_path, encode
     assert (expected - full_precision).norm() / full_precision.norm() < 0.1
 
 
+@pytest.mark.skipif(release(torch.__version__) < (2, 11), reason="torch 2.7.1's torch.export rejects the "
+                    "encoder's dynamic batch and length (constraint violations); README, Deployment")
 def test_encoder_exports_with_torch_export_for_any_batch_and_length(tmp_path):
     """torch 2.11 deprecates TorchScript for torch.export, which takes the same model."""
     model = deployable("base", aux=True)
