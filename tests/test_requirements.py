@@ -40,6 +40,8 @@ def test_each_range_ends_at_a_tested_stack(end, operator):
     """The stacks that bench/stacks.py runs the suite on are the ranges' very ends: no claimed version untested."""
     stack = pins(REPO / "bench" / "stacks" / f"{end}.txt")
     for name, version in stack.items():
+        if name not in RANGES:  # a dependency of a dependency, pinned at its age (the file says why)
+            continue
         bound = next(Version(s.version) for s in RANGES[name] if s.operator == operator)
         assert version == bound, f"bench/stacks/{end}.txt has {name}=={version}, requirements say {operator}{bound}"
     assert set(requirement_ranges(REPO / "requirements.txt")) <= set(stack), "every core package has a tested end"

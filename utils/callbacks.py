@@ -13,7 +13,10 @@ from lightning_utilities.core.imports import RequirementCache
 
 from utils.common_utils import SAMPLE_RATE
 
-RICH = RequirementCache("rich>=10.2.2")  # what RichProgressBar needs (Lightning's own flag moved between versions)
+# RichProgressBar needs rich (Lightning's own flag moved between versions); before Lightning 2.5.3 it crashes with
+# rich 14.1 and newer (it pops rich's empty live-display stack), so those get Lightning's tqdm bar.
+RICH = RequirementCache("rich>=10.2.2") and (RequirementCache("pytorch-lightning>=2.5.3")
+                                             or RequirementCache("rich<14.1"))
 
 
 class CheckpointKeeper(pl.Callback):
