@@ -223,8 +223,8 @@ def main(argv=None) -> Path:
         print(f"Next: python finetune.py --dataset-path {args.download_dir} --subset 10h ... (with "
               f"--librispeech_split dev fetched into the same --download_dir for validation on dev-other)")
     elif split in ("dev", "test"):
-        print("Note: preprocess.py lists only files whose path contains 'train', so it would skip these "
-              f"{split} files; they are for evaluation (evaluate.py) and fine-tuning validation, not pre-training.")
+        print("Note: preprocess.py lists only files whose path below --root-dir contains 'train', so it would skip "
+              f"these {split} files; they are for evaluation (evaluate.py) and fine-tuning validation, not pre-training.")
     else:
         print(f"Next: python preprocess.py --root-dir {extract_loc} ...")
     return extract_loc

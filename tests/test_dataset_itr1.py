@@ -288,7 +288,7 @@ def test_rerun_skips_finished_work_and_redoes_half_extraction(server, tmp_path, 
     assert (target / dataset_itr1.MARKER).exists()
     assert not (target / "stray.flac").exists()
     assert (target / "LibriSpeech" / "dev-clean" / "19" / "198" / "19-198-0001.flac").exists()
-    assert "only files whose path contains 'train'" in capsys.readouterr().out
+    assert "only files whose path below --root-dir contains 'train'" in capsys.readouterr().out
 
 
 def test_split_300_is_an_alias_of_360(server, tmp_path, capsys):

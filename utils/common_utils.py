@@ -3,14 +3,13 @@ any heavy work, and the atomic writes every output goes through."""
 import glob
 import logging
 import os
-import re
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import soundfile
 import torch
@@ -108,16 +107,35 @@ def check_audio(paths: List[Path], check: str = "tail",
                          desc=f"checking audio ({check})", unit="file"))
 
 
-def list_audio(root_dir: Path, extension: str = "flac") -> List[Path]:
-    """Audio files under ``root_dir`` (symlinks followed), relative to it, sorted by path string so the
-    order (and therefore the train/valid split) is the same on every filesystem. Hidden folders and
-    files (name starting with '.') are ignored."""
-    found = []
+def list_audio(root_dir: Path, extension: str = "flac",
+               keep: Callable[[Path], bool] = lambda rel: True) -> List[Path]:
+    """Audio files under ``root_dir``, relative to it, that ``keep`` accepts, sorted by path string so the order
+    (and therefore the train/valid split) is the same on every filesystem. Hidden folders and files (name
+    starting with '.') are ignored. Symbolic links are followed (corpora are assembled with them), but not into
+    a folder being walked (a link loop ends), and each real file (reached through links, or hard-linked) is
+    listed once, under the first of its accepted paths: an alias folder cannot list one utterance twice, e.g.
+    in both train and valid."""
+    ancestors = {os.fspath(root_dir): {_identity(root_dir)}}
+    paths = {}
     for folder, dirs, files in os.walk(root_dir, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [Path(folder, f).relative_to(root_dir) for f in files
-                  if f.endswith(f".{extension}") and not f.startswith(".")]
-    return sorted(found, key=lambda p: p.as_posix())
+        below = ancestors.pop(folder)
+        dirs[:] = [d for d in dirs if not d.startswith(".") and _identity(os.path.join(folder, d)) not in below]
+        ancestors.update({os.path.join(folder, d): below | {_identity(os.path.join(folder, d))} for d in dirs})
+        for f in files:
+            rel = Path(folder, f).relative_to(root_dir)
+            if f.endswith(f".{extension}") and not f.startswith(".") and keep(rel):
+                paths.setdefault(_identity(Path(folder, f)), []).append(rel)
+    return sorted((min(same, key=lambda p: p.as_posix()) for same in paths.values()), key=lambda p: p.as_posix())
+
+
+def _identity(path) -> tuple:
+    """(device, inode) of what ``path`` points to; the path itself for a dangling link (listed, then reported
+    unreadable by the audio check)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (str(path),)
+    return st.st_dev, st.st_ino
 
 
 @dataclass
@@ -135,9 +153,11 @@ def create_tsv(root_dir, tsv_dir, dataset: str = "librispeech", valid_percent: f
                workers: Optional[int] = None) -> TsvSummary:
     """Write ``{dataset}_train.tsv`` and ``{dataset}_valid.tsv`` (the latter only if valid_percent > 0).
 
-    As upstream, only files whose full path contains "train" are used, and each draws one uniform number
-    from a generator seeded with ``seed`` (a local ``torch.Generator``: same numbers as
-    ``torch.manual_seed(seed)``, global RNG untouched); it goes to valid if the number <= valid_percent.
+    As upstream, only files whose path contains "train" are used, but only the path below ``root_dir`` counts
+    (upstream matched the full path, so a root under a folder named like "train..." let dev and test in), and
+    each real file once (``list_audio``). Each draws one uniform number from a generator seeded with ``seed``
+    (a local ``torch.Generator``: same numbers as ``torch.manual_seed(seed)``, global RNG untouched); it goes
+    to valid if the number <= valid_percent.
     Unlike upstream the files are taken in sorted order, and when no draw falls into valid (a small corpus)
     the file with the smallest draw goes there. Every used file is checked first (``audio_problem`` with
     ``check``); bad files raise one BadAudioError listing all of them, or with ``skip_bad`` are left out as
@@ -148,7 +168,7 @@ def create_tsv(root_dir, tsv_dir, dataset: str = "librispeech", valid_percent: f
     root_dir, tsv_dir = Path(root_dir), Path(tsv_dir)
     if not root_dir.is_dir():
         raise FileNotFoundError(f"--root-dir {root_dir} is not a folder")
-    used = [rel for rel in list_audio(root_dir, extension) if re.match(".*train.*", str(root_dir / rel))]
+    used = list_audio(root_dir, extension, keep=lambda rel: "train" in rel.as_posix())
     generator = torch.Generator().manual_seed(seed)
     summary, rows = TsvSummary(), []
     for rel, (num_samples, problem) in zip(used, check_audio([root_dir / rel for rel in used], check, workers)):
@@ -163,7 +183,8 @@ def create_tsv(root_dir, tsv_dir, dataset: str = "librispeech", valid_percent: f
     for path, why in summary.skipped:
         log.warning("skipped %s: %s", path, why)
     if not rows:
-        raise ValueError(f"no usable .{extension} file with 'train' in its path under {root_dir}")
+        raise ValueError(f"no usable .{extension} file with 'train' in its path below {root_dir} (its own name "
+                         "does not count: for a folder such as train-clean-100, pass the folder above it)")
     in_valid = [valid_percent > 0 and draw <= valid_percent for _, _, draw in rows]  # a draw of 0 stays at 0
     if valid_percent > 0 and not any(in_valid):
         if len(rows) < 2:
