@@ -11,7 +11,7 @@ import pytest
 import soundfile
 import torch
 
-from utils.common_utils import BadAudioError, atomic_write, audio_problem, create_tsv, list_audio
+from utils.common_utils import BadAudioError, atomic_write, audio_problem, create_tsv, list_audio, load_audio
 
 # Sample counts of the corpus's train files, in sorted path order: 0.5 s to 2.3 s, none a round number of
 # frames, so frame-count formulas are really exercised.
@@ -170,6 +170,27 @@ def test_audio_checks_name_every_bad_file_at_once(tmp_path_factory):
     assert len(summary.skipped) == 5
     assert read_lines(root / "tsv/librispeech_train.tsv")[1:] == [
         "train-clean-100/1/1/good.flac\t16000", "train-clean-100/1/1/short_but_fine.flac\t400"]
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_float_audio_with_nan_or_inf_is_refused_by_name(tmp_path, value):
+    """Float WAV content under a .flac name (libsndfile reads the header, not the name), a bad sample in the
+    middle: the tail check decodes float files in full and names it; load_audio (labels, training, fine-tuning)
+    refuses it too, whatever --audio-check was."""
+    folder = tmp_path / "c" / "train-clean-100" / "1"
+    folder.mkdir(parents=True)
+    soundfile.write(folder / "good.flac", tone(16000, 200, 0), 16000)
+    wave = tone(48000, 200, 1).astype(np.float32)
+    wave[20000] = value
+    soundfile.write(folder / "bad.flac", wave, 16000, format="WAV", subtype="FLOAT")
+    assert audio_problem(folder / "bad.flac", "header") == (48000, None)
+    for check in ("tail", "full"):
+        assert audio_problem(folder / "bad.flac", check) == (48000, "sample 20000 is NaN or inf (float audio)")
+    with pytest.raises(BadAudioError, match=f"{folder / 'bad.flac'}: sample 20000 is NaN or inf"):
+        create_tsv(tmp_path / "c", tmp_path / "tsv", valid_percent=0)
+    with pytest.raises(ValueError, match=f"{folder / 'bad.flac'}: sample 20000 is NaN or inf"):
+        load_audio(folder / "bad.flac", 48000)
+    assert load_audio(folder / "good.flac", 16000).shape == (16000,)
 
 
 def test_truncated_and_corrupt_flac_are_caught_by_decoding(tmp_path):

@@ -11,6 +11,7 @@ from multiprocessing.pool import ThreadPool
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
+import numpy as np
 import soundfile
 import torch
 from tqdm import tqdm
@@ -52,7 +53,34 @@ def remove_stale_temp_files(*paths) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def load_audio(path, num_samples: Optional[int] = None, listed_in: str = "the TSV") -> torch.Tensor:
+    """Channel 0 of a 16 kHz file as float32 in [-1, 1) (what ``torchaudio.load`` gives); every reader of the
+    recipe's audio goes through it, so a file that cannot be decoded (corrupt mid-file too), another rate, a
+    length other than ``num_samples`` (as ``listed_in`` says) or NaN/inf samples (float audio; they would make
+    every loss NaN) is an error naming the file."""
+    try:
+        waveform, sample_rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, OSError) as e:
+        raise ValueError(f"{path}: cannot decode audio: {e}") from e
+    if sample_rate != SAMPLE_RATE:
+        raise ValueError(f"{path}: sample rate {sample_rate} Hz, expected {SAMPLE_RATE}")
+    if num_samples is not None and len(waveform) != num_samples:
+        raise ValueError(f"{path}: has {len(waveform)} samples but {listed_in} says {num_samples} "
+                         "(file changed, truncated or corrupt since the file list was made)")
+    problem = nonfinite_problem(waveform, 0)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
+    return torch.from_numpy(waveform[:, 0].copy())
+
+
+def nonfinite_problem(samples: np.ndarray, first: int) -> Optional[str]:
+    """Where ``samples`` (frames x channels, from sample ``first`` of a file) hold NaN or inf, if they do."""
+    bad = np.flatnonzero(~np.isfinite(samples).all(axis=1))
+    return f"sample {first + int(bad[0])} is NaN or inf (float audio)" if len(bad) else None
+
+
 AUDIO_CHECKS = ("header", "tail", "full")
+FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")  # the only ones that can hold NaN or inf
 TAIL_SAMPLES = 4096  # the last ~0.26 s: a few FLAC frames
 
 
@@ -61,7 +89,9 @@ def audio_problem(path, check: str = "tail") -> Tuple[int, Optional[str]]:
 
     ``check`` is how much is read: ``header`` the header only; ``tail`` also decodes the last TAIL_SAMPLES
     samples after a seek, which catches a file cut short (its header still gives the full length);
-    ``full`` decodes every sample, which also catches corrupt frames in the middle."""
+    ``full`` decodes every sample, which also catches corrupt frames in the middle. Float audio (whatever the
+    file's name says: libsndfile reads the header) is decoded in full beyond ``header``, as any of its samples
+    may be NaN or inf; ``load_audio`` refuses those too."""
     try:
         if os.path.getsize(path) == 0:
             return 0, "empty file (0 bytes)"
@@ -78,18 +108,22 @@ def audio_problem(path, check: str = "tail") -> Tuple[int, Optional[str]]:
     if info.frames < MIN_SAMPLES:
         problems.append(f"only {info.frames} samples, shorter than one 25 ms frame ({MIN_SAMPLES} samples)")
     if not problems and check != "header":
-        problems.append(decode_problem(path, info.frames, full=check == "full"))
+        problems.append(decode_problem(path, info.frames, full=check == "full" or info.subtype in FLOAT_SUBTYPES))
     return info.frames, "; ".join(filter(None, problems)) or None
 
 
 def decode_problem(path, num_samples: int, full: bool) -> Optional[str]:
-    """None if the samples decode up to the length the header gives (all of them, or the tail after a seek)."""
+    """None if the samples decode up to the length the header gives (all of them, or the tail after a seek), and
+    are finite."""
     start = 0 if full else max(0, num_samples - TAIL_SAMPLES)
     decoded = start
     try:
         with soundfile.SoundFile(str(path)) as f:
             f.seek(start)
-            for block in f.blocks(1 << 16, dtype="float32"):
+            for block in f.blocks(1 << 16, dtype="float32", always_2d=True):
+                problem = nonfinite_problem(block, decoded)
+                if problem:
+                    return problem
                 decoded += len(block)
     except (soundfile.LibsndfileError, RuntimeError, OSError) as e:
         return f"cannot be decoded up to sample {num_samples}: truncated or corrupt ({e})"

@@ -5,9 +5,9 @@ and the nearest-centre rule that labels frames (§3.5).
 ``allow_pickle=False``: upstream's ``model.pt``, a joblib pickle of the fitted sklearn ``MiniBatchKMeans``, runs
 code when loaded, so a model from elsewhere could; one left by an earlier version is refused with the command that
 converts it (tools/convert_kmeans.py). ``km_model/model.done`` (JSON: a hash of the inputs and the inertia) lets
-a re-run skip the fit. The optional faiss backend (``pip install faiss-cpu``, or faiss-gpu) runs Lloyd's k-means on every frame
-from upstream's greedy k-means++ start: inertia within 1 % of sklearn's, 3-4x faster on CPU for 768-dim
-features, on the GPU if faiss has CUDA (bench/kmeans.py).
+a re-run skip the fit. The optional faiss backend (``pip install faiss-cpu``, or faiss-gpu) runs Lloyd's k-means
+on every frame from upstream's greedy k-means++ start: inertia within 1 % of sklearn's, 3-4x faster on CPU for
+768-dim features, on the GPU if faiss has CUDA (bench/kmeans.py).
 The labels themselves are written by ``utils.labels``.
 """
 import hashlib
