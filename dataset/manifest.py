@@ -9,6 +9,8 @@ from typing import Optional, Tuple
 import numpy as np
 import soundfile
 
+from utils.common_utils import decode_utf8
+
 from .text_blocks import FileRanges, whole_lines
 
 BLOCK = 1 << 24  # bytes parsed at a time (the digit matrix of a block is ~5x its size)
@@ -68,10 +70,9 @@ def _parse(tsv: Path) -> Tuple[str, np.ndarray, np.ndarray, np.ndarray]:
     starts, path_ends, lengths = [], [], []
     with open(tsv, "rb") as f:
         first = f.readline()
-        _check_utf8(tsv, np.frombuffer(first, dtype=np.uint8), np.array([len(first)]), 1)
-        root, lineno = first.rstrip(b"\n").decode(), 2
+        root, lineno = decode_utf8(first, tsv).rstrip("\n"), 2
         for offset, block, ends in whole_lines(f, BLOCK):
-            _check_utf8(tsv, block, ends, lineno)
+            decode_utf8(block.tobytes(), tsv, lineno)  # paths are decoded when loaded: a bad byte is named now
             line_starts, tabs, values = _parse_lines(tsv, block, ends, lineno)
             starts.append(offset + line_starts)
             path_ends.append(offset + tabs)
@@ -79,17 +80,6 @@ def _parse(tsv: Path) -> Tuple[str, np.ndarray, np.ndarray, np.ndarray]:
             lineno += len(ends)
     join = (lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
     return root, join(starts), join(path_ends), join(lengths)
-
-
-def _check_utf8(tsv: Path, block: np.ndarray, ends: np.ndarray, lineno: int) -> None:
-    """Paths are decoded when their utterance is loaded: a byte that is not UTF-8 is named now, with its line."""
-    try:
-        block.tobytes().decode()
-    except UnicodeDecodeError as e:
-        line = int(np.searchsorted(ends, e.start))
-        text = block[(ends[line - 1] + 1 if line else 0):ends[line] if line < len(ends) else None].tobytes()
-        raise ValueError(f"{tsv}:{lineno + line}: not UTF-8 text ({e.reason}): {text!r}; write the list as UTF-8 "
-                         "(preprocess.py does)") from None
 
 
 def _parse_lines(tsv: Path, block: np.ndarray, ends: np.ndarray, lineno: int):

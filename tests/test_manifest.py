@@ -9,6 +9,7 @@ import soundfile
 
 from dataset import manifest
 from dataset.manifest import Manifest
+from utils.feature_utils import read_tsv
 
 
 def write_tsv(path, root, rows, end="\n"):
@@ -99,3 +100,5 @@ def test_a_list_that_is_not_utf8_is_named_with_its_line(tmp_path, where):
     line = 1 if where == "root" else 3
     with pytest.raises(ValueError, match=rf"x.tsv:{line}: not UTF-8 text \(invalid continuation byte\): .*caf"):
         Manifest(tsv)
+    with pytest.raises(ValueError, match=rf"x.tsv:{line}: not UTF-8 text"):
+        read_tsv(tsv)  # preprocess.py's reader (--rank jobs)

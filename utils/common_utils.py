@@ -26,6 +26,18 @@ class BadAudioError(ValueError):
     """Audio files that the recipe cannot use; the message lists every one of them and why."""
 
 
+def decode_utf8(data: bytes, path, first_line: int = 1) -> str:
+    """``data`` (whole lines of ``path`` from line ``first_line`` on) as text; a byte that is not UTF-8 is an
+    error naming the file and its line rather than a traceback (paths are decoded when their audio is loaded)."""
+    try:
+        return data.decode()
+    except UnicodeDecodeError as e:
+        line = first_line + data.count(b"\n", 0, e.start)
+        start, end = data.rfind(b"\n", 0, e.start) + 1, data.find(b"\n", e.start)
+        raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason}): {data[start:end if end >= 0 else None]!r}; "
+                         "file lists are written as UTF-8") from None
+
+
 @contextmanager
 def atomic_write(path, mode: str = "wb"):
     """Open a temporary file beside ``path`` and move it onto ``path`` only once it is complete, so a

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from utils.checkpoint import load_pretrained_model
-from utils.common_utils import SAMPLE_RATE, load_audio
+from utils.common_utils import SAMPLE_RATE, decode_utf8, load_audio
 from utils.device import exact_fp32
 from utils.feature_shards import ShardReader, shard_is_done, write_shard
 
@@ -31,7 +31,7 @@ def read_tsv(path) -> Tuple[str, List[str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"TSV file list {path} not found")
-    text = path.read_text()
+    text = decode_utf8(path.read_bytes(), path)
     if not text:
         raise ValueError(f"TSV file list {path} is empty (its first line must be the root folder)")
     root, *lines = text.splitlines()
