@@ -137,7 +137,7 @@ def text_index(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     of this very file, else by a scan that then refreshes the cache (where the folder is writable)."""
     cache = text_index_path(path)
     try:
-        with np.load(cache) as z:
+        with np.load(cache, allow_pickle=False) as z:
             if z["stamp"].tolist() == _stamp(path):
                 return z["starts"], z["counts"]
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
