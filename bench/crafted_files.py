@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="crafted_"))
     before, outcomes = repo_state(), Outcomes()
     pytest.main(["-q", "-p", "no:cacheprovider", "--basetemp", str(work), "--rootdir", str(REPO),
+                 "-o", "tmp_path_retention_policy=all", "-o", "tmp_path_retention_count=1000",  # kept for the scan
                  "-c", str(REPO / "pytest.ini"), *(str(REPO / test) for *_, test in CASES)], plugins=[outcomes])
     print("| crafted file | comes in through | what happens | tests (cases) | passed |\n|---|---|---|---|---|")
     total = passed = 0
