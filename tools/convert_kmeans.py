@@ -17,8 +17,8 @@ import joblib
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repo's packages
-from utils.common_utils import atomic_write
-from utils.kmeans import LEGACY_MODEL, MODEL, check_centers, read_centers
+from utils.common_utils import atomic_write  # noqa: E402
+from utils.kmeans import LEGACY_MODEL, MODEL, check_centers, read_centers  # noqa: E402
 
 
 def convert(km_dir) -> Path:
@@ -27,7 +27,11 @@ def convert(km_dir) -> Path:
     legacy, out = km_dir / LEGACY_MODEL, km_dir / MODEL
     if not legacy.is_file():
         raise FileNotFoundError(f"{legacy} not found: nothing to convert")
-    centers = check_centers(getattr(joblib.load(legacy), "cluster_centers_", None), legacy)
+    try:
+        km = joblib.load(legacy)
+    except Exception as e:  # unpickling can raise anything
+        raise ValueError(f"{legacy}: cannot be unpickled ({type(e).__name__}: {e})") from e
+    centers = check_centers(getattr(km, "cluster_centers_", None), legacy)
     with atomic_write(out) as f:
         np.save(f, centers, allow_pickle=False)
     return out
