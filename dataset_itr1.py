@@ -20,7 +20,7 @@ import re
 import shutil
 import tarfile
 import zlib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
@@ -85,12 +85,43 @@ def _stream_members(tar: tarfile.TarFile, raw, bar: tqdm):
         bar.set_postfix_str(f"{count} files", refresh=False)
 
 
+def member_path(member: tarfile.TarInfo, root: Path) -> Path:
+    """Where a member goes under root; ArchiveError unless it is a regular file or a folder whose name stays
+    inside root (no absolute name, no '..'). Links, devices and fifos are refused: LibriSpeech has none, and
+    without them nothing extracted can redirect a later write, on any Python (tarfile's "data" filter let a chain
+    of symbolic links write outside before the mid-2025 releases)."""
+    if not (member.isreg() or member.isdir()):
+        kind = {tarfile.SYMTYPE: "symbolic link", tarfile.LNKTYPE: "hard link", tarfile.CHRTYPE: "character device",
+                tarfile.BLKTYPE: "block device", tarfile.FIFOTYPE: "fifo"}.get(member.type, f"type {member.type!r}")
+        raise ArchiveError(f"member {member.name!r} is a {kind}; only regular files and folders are extracted")
+    name = PurePosixPath(member.name)
+    if name.is_absolute() or ".." in name.parts:
+        raise ArchiveError(f"member {member.name!r} has a name that does not stay inside the archive's folder "
+                           "(absolute or with '..')")
+    return root.joinpath(*name.parts)
+
+
+def extract_members(tar: tarfile.TarFile, members, root: Path) -> int:
+    """Write each member (checked by member_path) under root, a new empty folder, so no path in it is a link;
+    files get default permissions (the archive's modes and owners are not applied). Returns the count."""
+    count = 0
+    for count, member in enumerate(members, start=1):
+        path = member_path(member, root)
+        if member.isdir():
+            path.mkdir(parents=True, exist_ok=True)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tar.extractfile(member) as src, open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    return count
+
+
 def extract_tar(archive: Path, target: Path) -> None:
     """Extract a .tar.gz into target, safely and atomically.
 
-    Members go through tarfile's "data" filter, so absolute paths, '..' and links pointing outside
-    are refused. Extraction happens in a temp folder beside target's parent, which is renamed (with
-    MARKER inside) only when every member is out; a target without MARKER is redone.
+    Only regular files and folders with names inside target are extracted (member_path); any other member
+    stops the extraction with an error naming it. Extraction happens in a temp folder beside target's parent,
+    which is renamed (with MARKER inside) only when every member is out; a target without MARKER is redone.
     """
     archive, target = Path(archive), Path(target)
     if (target / MARKER).exists():
@@ -110,14 +141,16 @@ def extract_tar(archive: Path, target: Path) -> None:
             total=os.path.getsize(archive), unit="B", unit_scale=True, unit_divisor=1024,
             desc=f"extract {archive.name}",
         ) as bar:
-            tar.extractall(tmp, members=_stream_members(tar, raw, bar), filter="data")
-            count = len(tar.members)
-    except tarfile.FilterError as e:
+            count = extract_members(tar, _stream_members(tar, raw, bar), tmp.resolve())
+    except ArchiveError as e:
         shutil.rmtree(tmp)
         raise ArchiveError(f"{archive}: refusing unsafe member: {e}") from e
     except (tarfile.TarError, EOFError, zlib.error) as e:
         shutil.rmtree(tmp)
         raise ArchiveError(f"{archive}: cannot read archive: {e}") from e
+    except OSError as e:  # a member whose folder is a file of the archive, a full disk: named by e
+        shutil.rmtree(tmp)
+        raise ArchiveError(f"{archive}: cannot extract: {e}") from e
     (tmp / MARKER).write_text(f"{archive.name}\n{count} members\n")
     os.replace(tmp, target)
     if not any(tmp.parent.iterdir()):
@@ -190,8 +223,8 @@ def main(argv=None) -> Path:
         print(f"Next: python finetune.py --dataset-path {args.download_dir} --subset 10h ... (with "
               f"--librispeech_split dev fetched into the same --download_dir for validation on dev-other)")
     elif split in ("dev", "test"):
-        print("Note: preprocess.py lists only files whose path contains 'train', so it would skip these "
-              f"{split} files; they are for evaluation (evaluate.py) and fine-tuning validation, not pre-training.")
+        print("Note: preprocess.py lists only files whose path below --root-dir contains 'train', so it would skip "
+              f"these {split} files; they are for evaluation (evaluate.py) and fine-tuning validation, not pre-training.")
     else:
         print(f"Next: python preprocess.py --root-dir {extract_loc} ...")
     return extract_loc

@@ -37,6 +37,7 @@ than 1e-4.
 import argparse
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -52,6 +53,11 @@ from utils.ctc import spells_words
 
 TOLERANCE = 1e-4
 HEAD_FILE = "hubert_pretraining_head.pt"
+# What --hf-dir holds after an export (save_pretrained's files across transformers versions, the head, the
+# processor's): --overwrite replaces a folder holding only these, so it never deletes anything else.
+HF_FILES = re.compile(r"config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
+                      r"model\.safetensors\.index\.json|" + re.escape(HEAD_FILE) + r"|vocab\.json|added_tokens\.json|"
+                      r"(tokenizer|special_tokens_map|preprocessor|processor)(_config)?\.json")
 # Our parameter names -> HubertModel's, by prefix; everything under them keeps its name (the positional
 # conv's weight norm included: both are torch parametrizations, original0 = g, original1 = v, dim=2).
 HF_PREFIXES = (
@@ -247,18 +253,38 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="write the torchaudio state dict + wav2vec2_model config to this file")
     parser.add_argument("--hf-dir", type=Path, default=None, metavar="DIR",
                         help="write a transformers HubertModel folder (config.json, model.safetensors) here")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing outputs (an --hf-dir only if it holds nothing but an export's files)")
     args = parser.parse_args(argv)
     if args.torchaudio is None and args.hf_dir is None:
         parser.error("nothing to do: give --torchaudio FILE and/or --hf-dir DIR")
     return args
 
 
+def check_replaceable(hf_dir: Path) -> None:
+    """An existing --hf-dir that --overwrite may replace: a folder of export.py's own files (HF_FILES) only; a
+    file, a link, or a folder holding anything else (a checkpoint, other work) is refused, naming what is there."""
+    if hf_dir.is_symlink() or not hf_dir.is_dir():
+        raise ValueError(f"--hf-dir {hf_dir} exists and is not a folder (a file or a link): --overwrite replaces only "
+                         "a folder that export.py wrote")
+    others = sorted(p.name for p in hf_dir.iterdir() if not (HF_FILES.fullmatch(p.name) and p.is_file()
+                                                            and not p.is_symlink()))
+    if others:
+        raise ValueError(f"--hf-dir {hf_dir} holds {len(others)} file(s) that export.py does not write "
+                         f"({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}): --overwrite would delete "
+                         "them; move them or choose another --hf-dir")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     for out in (args.torchaudio, args.hf_dir):
-        if out is not None and out.exists() and not args.overwrite:
+        if out is not None and (out.exists() or out.is_symlink()) and not args.overwrite:
             raise SystemExit(f"export.py: error: {out} already exists; pass --overwrite to replace it")
+    if args.hf_dir is not None and (args.hf_dir.exists() or args.hf_dir.is_symlink()):
+        try:
+            check_replaceable(args.hf_dir)
+        except ValueError as e:
+            raise SystemExit(f"export.py: error: {e}") from e
     try:
         # The conv1d, GroupNorm layout that torchaudio and HF share, whatever the run trained with.
         obj = load_checkpoint(args.checkpoint)

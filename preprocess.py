@@ -37,7 +37,8 @@ import torch.distributed as dist
 from utils.common_utils import AUDIO_CHECKS, TsvSummary, create_tsv
 from utils.feature_utils import (Extractor, Shard, dump_features, feature_key, file_sha256, hubert_extractor,
                                  mfcc_extractor, read_shards)
-from utils.kmeans import BACKENDS, fitted_inertia, import_faiss, kmeans_key, kmeans_picks, learn_kmeans, load_centers
+from utils.kmeans import (BACKENDS, MODEL, fitted_inertia, import_faiss, kmeans_key, kmeans_picks, learn_kmeans,
+                          load_centers)
 from utils.labels import FORMATS, is_done, label_paths, label_shard, merge_label_parts, split_key
 from utils.versions import log_stack
 
@@ -219,7 +220,7 @@ def fit(job: Job) -> float:
 
 def write_label_parts(job: Job, plan: Plan) -> None:
     """Step 4: the label part of each of this process's shards, of train and valid, that is not done yet."""
-    centers, model_key = load_centers(job.km_dir, job.device), file_sha256(job.km_dir / "model.pt")
+    centers, model_key = load_centers(job.km_dir, job.device), file_sha256(job.km_dir / MODEL)
     fmt = job.args.label_format
     for split in job.splits:
         key = split_key(plan.shards[split], job.extractor, model_key, fmt)
@@ -233,7 +234,7 @@ def write_label_parts(job: Job, plan: Plan) -> None:
 def merge_labels(job: Job, plan: Plan) -> List[str]:
     """Join the label parts of each split into label_{split}.pt (upstream's file) or the npy pair; returns the
     names of the labels written."""
-    model_key, fmt = file_sha256(job.km_dir / "model.pt"), job.args.label_format
+    model_key, fmt = file_sha256(job.km_dir / MODEL), job.args.label_format
     for split in job.splits:
         key = split_key(plan.shards[split], job.extractor, model_key, fmt)
         if not is_done(label_paths(job.label_dir, split, fmt=fmt), key):

@@ -11,10 +11,11 @@ after) beyond what importing torch and the packages took, and its private share 
 process maps count as private too, so for memory-mapped labels it is an upper bound of what a further rank adds).
 
 Simulated corpora, kept in --work between runs: utterance lengths as bench/data_path.py's LibriSpeech-like ones
-(281,241 utterances at 960 h, 17.6 M at 60 k h), every TSV line naming one shared file under a path as long as
-LibriSpeech's, 50 Hz labels of k=500 (text, and the npy pair). At 60 k h the text labels (~41 GB) do not fit this
-machine's disk: text is measured up to 6 k h; the npy ids there are a sparse file (the offsets are real), which
-the data path reads as it reads any: a few pages at start-up.
+(281,241 utterances at 960 h, 17.6 M at 60 k h) rounded to 0.1 s, every TSV line naming the silent file of its
+length (a few hundred, which the start-up check of sample counts reads) under a path as long as LibriSpeech's,
+50 Hz labels of k=500 (text, and the npy pair). At 60 k h the text labels (~41 GB) do not fit this machine's disk:
+text is measured up to 6 k h; the npy ids there are a sparse file (the offsets are real), which the data path
+reads as it reads any: a few pages at start-up.
 """
 import argparse
 import json
@@ -25,11 +26,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import soundfile
 
 REPO = Path(__file__).resolve().parents[1]
 UTTERANCES_960H = 281_241
 K = 500
-PATH = "./" * 17 + "shared.flac"  # 45 characters, as "train-clean-100/103/1240/103-1240-0000.flac"
+QUANTUM = 1600  # lengths are rounded to 0.1 s: one silent file per length
+
+
+def audio_path(length: int) -> str:
+    """45 characters, as "train-clean-100/103/1240/103-1240-0000.flac"."""
+    return "./" * 16 + f"L{length:07d}.flac"
 
 
 def utterances(hours: float) -> int:
@@ -37,25 +44,26 @@ def utterances(hours: float) -> int:
 
 
 def write_corpus(work: Path, hours: float, text: bool) -> Path:
-    """``work/<hours>h/`` with tsv/, label/ (npy pair always, text if ``text``) and the shared audio file."""
+    """``work/<hours>h/`` with tsv/, label/ (npy pair always, text if ``text``) and the silent audio files."""
     sys.path.insert(0, str(REPO))
     from bench.data_path import librispeech_like_lengths
     from dataset.label_files import npy_header, npy_paths, text_path
 
     root = work / f"{hours:g}h"
-    done = root / f".done_{'text' if text else 'npy'}"
+    done = root / f".done_v2_{'text' if text else 'npy'}"  # v2: real files of the listed lengths
     if done.is_file():
         return root
     for d in ("tsv", "label", "audio"):
         (root / d).mkdir(parents=True, exist_ok=True)
-    (root / "audio" / "shared.flac").write_bytes(b"")
     n = utterances(hours)
-    lengths = librispeech_like_lengths(n)
+    lengths = np.maximum(np.round(librispeech_like_lengths(n) / QUANTUM).astype(np.int64), 1) * QUANTUM
+    for length in np.unique(lengths).tolist():
+        soundfile.write(root / "audio" / audio_path(length), np.zeros(length, dtype=np.int16), 16000)
     counts = np.where(lengths >= 400, (lengths - 400) // 320 + 1, 0)
     with open(root / "tsv" / "librispeech_train.tsv", "w") as f:
         f.write(f"{root / 'audio'}\n")
         for block in np.array_split(lengths, max(1, n // 100_000)):
-            f.write("".join(f"{PATH}\t{m}\n" for m in block.tolist()))
+            f.write("".join(f"{audio_path(m)}\t{m}\n" for m in block.tolist()))
     ids, offsets = npy_paths(root / "label", "train")
     np.save(offsets, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
     header = npy_header(np.dtype(np.uint16), int(counts.sum()))

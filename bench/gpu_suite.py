@@ -19,6 +19,7 @@ Sections (each timed; the table ends with their wall times):
 """
 import argparse
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -96,7 +97,7 @@ def make_labels(args, corpus: Path) -> Path:
 def train(args):
     import train as train_script
 
-    corpus = linked_corpus(args.workdir / "train_corpus", copies=1, files=12 if args.cpu_smoke else None)
+    corpus = copied_corpus(args.workdir / "train_corpus", copies=1, files=12 if args.cpu_smoke else None)
     data = make_labels(args, corpus)
     exp = args.workdir / "train_exp"
     flags = ["--dataset-path", str(data), "--exp-dir", str(exp), "--feature-type", "mfcc", "--num-classes",
@@ -125,15 +126,16 @@ def train(args):
                 f"{stats.first_batch_wait:.1f} s of it before the first update of an epoch" if waits else "")]
 
 
-def linked_corpus(root: Path, copies: int, files=None) -> Path:
-    """The demo corpus's training FLACs, linked ``copies`` times under new names (``files`` of them each)."""
+def copied_corpus(root: Path, copies: int, files=None) -> Path:
+    """The demo corpus's training FLACs, copied ``copies`` times under new names (``files`` of them each): copies,
+    as preprocess.py lists a file reached through several links once."""
     source = sorted((REPO / "demo_data" / "LibriSpeech" / "train-clean-100").rglob("*.flac"))[:files]
     for k in range(copies):
         for flac in source:
-            link = root / "train-clean-100" / f"copy{k}" / flac.relative_to(flac.parents[2])
-            if not link.exists():
-                link.parent.mkdir(parents=True, exist_ok=True)
-                link.symlink_to(flac)
+            copy = root / "train-clean-100" / f"copy{k}" / flac.relative_to(flac.parents[2])
+            if not copy.exists():
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(flac, copy)
     return root
 
 
@@ -150,7 +152,7 @@ def random_checkpoint(args) -> Path:
 def preprocess(args):
     from utils.feature_utils import hubert_extractor, load_audio
 
-    corpus = linked_corpus(args.workdir / "pre_corpus", copies=1 if args.cpu_smoke else 20,
+    corpus = copied_corpus(args.workdir / "pre_corpus", copies=1 if args.cpu_smoke else 20,
                            files=4 if args.cpu_smoke else None)
     checkpoint, device = random_checkpoint(args), "cpu" if args.cpu_smoke else "cuda"
     layer = 2 if args.cpu_smoke else 6

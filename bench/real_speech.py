@@ -36,7 +36,8 @@ CHECKPOINT = "checkpoints_librispeech_hubert_pretrain_tiny/last.ckpt"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train-dir", type=Path, required=True, help="training audio (its path must contain 'train')")
+    p.add_argument("--train-dir", type=Path, required=True,
+                   help="training audio (every file under it: preprocess.py reads it through a link named train)")
     p.add_argument("--valid-dir", type=Path, required=True, help="held-out speakers for validation")
     p.add_argument("--phone-audio", type=Path, required=True, help="audio with phone alignments (label quality)")
     p.add_argument("--phone-alignments", type=Path, required=True, nargs="+", help="its alignments at 100 Hz")
@@ -69,7 +70,11 @@ def make_labels(args, exp: Path, checkpoint=None, layer=None) -> Path:
     """k-means labels of the training audio (MFCC, or ``layer`` of ``checkpoint``), and the valid split."""
     feat = ["--feat-type", "mfcc"] if checkpoint is None else [
         "--feat-type", "hubert", "--layer-index", str(layer), "--checkpoint-path", str(checkpoint)]
-    preprocess.main(["--root-dir", str(args.train_dir.resolve()), "--exp-dir", str(exp), "--num-rank", "1",
+    root = exp / "audio"  # preprocess.py takes files with "train" in their path below --root-dir
+    if not (root / "train").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "train").symlink_to(args.train_dir.resolve())
+    preprocess.main(["--root-dir", str(root), "--exp-dir", str(exp), "--num-rank", "1",
                      "--num-cluster", str(args.num_classes), "--valid-percent", "0", *feat])
     data = exp / "data" / ("mfcc" if checkpoint is None else f"hubert_{layer}")
     label_valid(data, args.valid_dir, mfcc_extractor() if checkpoint is None else

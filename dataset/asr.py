@@ -6,13 +6,12 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import soundfile
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-from utils.common_utils import BadAudioError, audio_problem
+from utils.common_utils import BadAudioError, audio_problem, load_audio
 from utils.ctc import VOCAB, encode
 
 # LibriLight-limited (librispeech_finetuning.tgz): folders of each subset, as torchaudio's LibriLightLimited.
@@ -103,8 +102,8 @@ class TranscribedAudio(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[Tensor, Tensor]:
         u = self.utterances[index]
-        data, _ = soundfile.read(u.path, dtype="float32", always_2d=True)
-        return torch.from_numpy(np.ascontiguousarray(data[:, 0])), torch.tensor(encode(u.transcript, self.vocab))
+        waveform = load_audio(u.path, u.num_samples, "its header when the utterances were listed")
+        return waveform, torch.tensor(encode(u.transcript, self.vocab))
 
 
 def collate_ctc(batch: List[Tuple[Tensor, Tensor]], generator: Optional[torch.Generator] = None

@@ -5,12 +5,13 @@ from pathlib import Path
 from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
-import soundfile
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
+
+from utils.common_utils import load_audio
 
 from .label_files import open_labels
 from .manifest import Manifest
@@ -53,7 +54,7 @@ class HuBERTDataSet(Dataset):
         exp_dir = Path(exp_dir)
         self.tsv_path = exp_dir / "tsv" / f"{dataset}_{subset}.tsv"
         self.manifest = Manifest(self.tsv_path)
-        self.manifest.check_files_exist()
+        self.manifest.check_files()
         self.len_list = self.manifest.lengths
         self.labels = open_labels(exp_dir / "label", subset)
         self.label_path = self.labels.path
@@ -85,12 +86,8 @@ class HuBERTDataSet(Dataset):
         path = self.manifest.audio_path(index)
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} (line {index + 2} of {self.tsv_path}) does not exist")
-        data, sample_rate = soundfile.read(path, dtype="float32", always_2d=True)
-        if sample_rate != SAMPLE_RATE:
-            raise ValueError(f"{path}: sample rate {sample_rate}, expected {SAMPLE_RATE}")
-        if data.shape[0] != self.len_list[index]:
-            raise ValueError(f"{path}: has {data.shape[0]} samples but {self.tsv_path} says {self.len_list[index]}")
-        return torch.from_numpy(np.ascontiguousarray(data[:, 0])).unsqueeze(0)  # channel 0, as preprocess.py
+        # Channel 0, as preprocess.py; NaN/inf and a length other than the TSV's are errors naming the file.
+        return load_audio(path, int(self.len_list[index]), str(self.tsv_path)).unsqueeze(0)
 
     def _load_label(self, index: int) -> Tensor:
         label = self.labels[index]

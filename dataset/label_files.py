@@ -62,7 +62,7 @@ class TextLabels:
         try:
             return np.array(self._file.read(int(self.starts[index]), int(self.starts[index + 1])).split(),
                             dtype=np.int64)
-        except ValueError as e:
+        except (ValueError, OverflowError) as e:  # OverflowError: an id beyond int64
             raise ValueError(f"{self.path}:{index + 1}: not a line of integer labels ({e})") from None
 
 
@@ -88,8 +88,7 @@ class NpyLabels:
             for p in (self.path, self.offsets_path):
                 if not p.is_file():
                     raise FileNotFoundError(f"{p}: npy label file not found (run preprocess.py first)")
-            self._ids = np.load(self.path, mmap_mode="r")
-            self._offsets = np.load(self.offsets_path, mmap_mode="r")
+            self._ids, self._offsets = map(_load_npy, (self.path, self.offsets_path))
         return self._ids, self._offsets
 
     @property
@@ -102,6 +101,15 @@ class NpyLabels:
     def __getitem__(self, index: int) -> np.ndarray:
         ids, offsets = self._open()
         return np.asarray(ids[offsets[index]:offsets[index + 1]], dtype=np.int64)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """A memory-mapped .npy, never unpickled: an object array (a pickle, which runs code) or a file that is no
+    .npy is an error naming it."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: not a .npy array of integer labels ({e})") from None
 
 
 def open_labels(label_dir, split: str):
@@ -129,7 +137,7 @@ def text_index(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     of this very file, else by a scan that then refreshes the cache (where the folder is writable)."""
     cache = text_index_path(path)
     try:
-        with np.load(cache) as z:
+        with np.load(cache, allow_pickle=False) as z:
             if z["stamp"].tolist() == _stamp(path):
                 return z["starts"], z["counts"]
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):

@@ -4,9 +4,12 @@ numpy: at Libri-Light's 60 k h (17 M lines, ~1 GB) a rank holds ~0.3 GB and star
 back from the file when its utterance is loaded."""
 import os
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
+import soundfile
+
+from utils.common_utils import decode_utf8
 
 from .text_blocks import FileRanges, whole_lines
 
@@ -34,25 +37,42 @@ class Manifest:
     def audio_path(self, index: int) -> str:
         return f"{self.root}/{self._file.read(int(self.starts[index]), int(self.path_ends[index])).decode()}"
 
-    def check_files_exist(self) -> None:
-        """Every listed file exists, or (long lists) a fixed sample of them, the first and the last: that
-        catches a moved or unmounted corpus; a single missing file is named when it is loaded."""
+    def check_files(self) -> None:
+        """Every listed file exists and has the sample count listed (soundfile's header read, no decoding), or
+        (long lists) a fixed sample of them, the first and the last: that catches a moved or unmounted corpus and
+        a list made from other files, before training rather than at the file; a single file off is named when
+        it is loaded."""
         n = len(self)
         picks = range(n) if n <= CHECK_ALL_UP_TO else sorted(
             {0, n - 1, *np.random.default_rng(0).choice(n, min(CHECK_SAMPLE, n), replace=False).tolist()})
+        checked = "listed" if n <= CHECK_ALL_UP_TO else f"of {len(picks)} checked"
         missing = [p for p in map(self.audio_path, picks) if not os.path.exists(p)]
         if missing:
-            checked = "listed" if n <= CHECK_ALL_UP_TO else f"of {len(picks)} checked"
             raise FileNotFoundError(f"{self.tsv}: {len(missing)} {checked} audio file(s) do not exist, "
                                     f"first: {missing[0]}")
+        off = list(filter(None, map(self._length_problem, picks)))
+        if off:
+            raise ValueError(f"{self.tsv}: {len(off)} {checked} audio file(s) do not have the sample count it lists "
+                             f"(files changed since the list was made: run preprocess.py again), first: {off[0]}")
+
+    def _length_problem(self, index: int) -> Optional[str]:
+        path = self.audio_path(index)
+        try:
+            frames = soundfile.info(path).frames
+        except (soundfile.LibsndfileError, RuntimeError, OSError) as e:
+            return f"{path} (line {index + 2}): unreadable ({e})"
+        if frames != self.lengths[index]:
+            return f"{path} (line {index + 2}): {frames} samples, listed as {self.lengths[index]}"
+        return None
 
 
 def _parse(tsv: Path) -> Tuple[str, np.ndarray, np.ndarray, np.ndarray]:
     starts, path_ends, lengths = [], [], []
     with open(tsv, "rb") as f:
         first = f.readline()
-        root, lineno = first.rstrip(b"\n").decode(), 2
+        root, lineno = decode_utf8(first, tsv).rstrip("\n"), 2
         for offset, block, ends in whole_lines(f, BLOCK):
+            decode_utf8(block.tobytes(), tsv, lineno)  # paths are decoded when loaded: a bad byte is named now
             line_starts, tabs, values = _parse_lines(tsv, block, ends, lineno)
             starts.append(offset + line_starts)
             path_ends.append(offset + tabs)

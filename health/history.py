@@ -31,6 +31,29 @@ class RunHistory:
         return max((points[-1][0] for points in self.series.values() if points), default=-1)
 
 
+class HparamsLoader(yaml.SafeLoader):
+    """yaml's safe loader (plain data only: a file from elsewhere constructs no Python object) plus the tuples
+    Lightning writes into hparams.yaml (``!!python/tuple``, for --betas and the loss weights)."""
+
+
+HparamsLoader.add_constructor("tag:yaml.org,2002:python/tuple",
+                              lambda loader, node: tuple(loader.construct_sequence(node)))
+
+
+def read_hparams(path: Path) -> dict:
+    """A run's flags from its hparams.yaml ({} without one); a malformed file is an error naming it."""
+    if not path.is_file():
+        return {}
+    try:
+        hparams = yaml.load(path.read_text(), Loader=HparamsLoader)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a Lightning hparams.yaml: {e}") from None
+    if not isinstance(hparams, (dict, type(None))):
+        raise ValueError(f"{path}: not a Lightning hparams.yaml: expected a mapping of flags, got "
+                         f"{type(hparams).__name__}")
+    return hparams or {}
+
+
 def versions(run_dir) -> List[Path]:
     """``lightning_logs/version_N`` folders with a metrics.csv, in N order."""
     found = Path(run_dir).glob("lightning_logs/version_*/metrics.csv")
@@ -53,6 +76,5 @@ def read_run(run_dir) -> RunHistory:
         stitched = {name: [(s, v) for s, v in points if s < first] for name, points in stitched.items()}
         for name, points in series.items():
             stitched.setdefault(name, []).extend(points)
-    hparams_file = found[-1] / "hparams.yaml"
-    hparams = yaml.load(hparams_file.read_text(), Loader=yaml.FullLoader) if hparams_file.is_file() else {}
-    return RunHistory(Path(run_dir), hparams or {}, {k: sorted(v) for k, v in stitched.items() if v}, found)
+    hparams = read_hparams(found[-1] / "hparams.yaml")
+    return RunHistory(Path(run_dir), hparams, {k: sorted(v) for k, v in stitched.items() if v}, found)

@@ -1,4 +1,6 @@
 """dataset/asr.py: transcribed LibriSpeech-layout folders, LibriLight-limited subsets, the CTC collate."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -60,3 +62,19 @@ def test_librilight_subsets(tmp_path):
     assert rel == {"10min": ["1h/0"], "1h": ["1h/0", "1h/1"], "10h": ["1h/0", "1h/1", "9h"]}
     with pytest.raises(FileNotFoundError, match="no LibriLight-limited data"):
         librilight_folders(tmp_path / "ft_extract" / "elsewhere", "10h")
+
+
+def test_a_flac_corrupt_in_its_middle_is_named_when_loaded(tmp_path):
+    """Its header and tail are fine (the listing's check passes); decoding stops in the middle, naming the file."""
+    corpus = make_transcribed_corpus(tmp_path, n_utts=2)
+    utterances = list_utterances([corpus])
+    path = Path(utterances[1].path)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle - len(data) // 10:middle + len(data) // 10] = b"\xff\x00" * (len(data) // 10)
+    path.write_bytes(data)
+    assert list_utterances([corpus])[1].path == str(path)  # the header and tail checks still pass
+    dataset = TranscribedAudio(utterances)
+    dataset[0]
+    with pytest.raises(ValueError, match=f"{path}: cannot decode audio"):
+        dataset[1]

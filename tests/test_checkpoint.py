@@ -61,3 +61,14 @@ def test_missing_truncated_and_foreign_files_name_the_file(tmp_path):
     torch.save({"weight": torch.zeros(3)}, foreign)
     with pytest.raises(ValueError, match="foreign.pt does not hold a HuBERT pre-training model"):
         load_pretrained_model(foreign)
+
+
+def test_a_checkpoint_holding_code_is_refused_and_the_code_never_runs(tmp_path):
+    """weights_only=True: a pickle that would write a marker file if loaded is refused by name."""
+    from tests.test_kmeans import WritesMarker
+
+    marker = tmp_path / "code_ran"
+    torch.save({"state_dict": {}, "extra": WritesMarker(marker)}, tmp_path / "crafted.ckpt")
+    with pytest.raises(ValueError, match="crafted.ckpt is truncated or not a PyTorch checkpoint: .*Weights only"):
+        load_checkpoint(tmp_path / "crafted.ckpt")
+    assert not marker.exists()

@@ -1,9 +1,9 @@
 """File lists (create_tsv), the audio checks and atomic writes, on real FLAC files.
 
-Beware when writing tests here: upstream's rule is that a file is used if "train" appears anywhere in its
-full path, and pytest's tmp_path contains the test name, so no test that builds a corpus in tmp_path may
-have "train" in its name.
+A file is used if "train" appears in its path below the root (upstream looked at the root's path too, so
+pytest's tmp_path, which holds the test name, could let files in).
 """
+import os
 import resource
 
 import numpy as np
@@ -11,7 +11,7 @@ import pytest
 import soundfile
 import torch
 
-from utils.common_utils import BadAudioError, atomic_write, audio_problem, create_tsv, list_audio
+from utils.common_utils import BadAudioError, atomic_write, audio_problem, create_tsv, list_audio, load_audio
 
 # Sample counts of the corpus's train files, in sorted path order: 0.5 s to 2.3 s, none a round number of
 # frames, so frame-count formulas are really exercised.
@@ -95,8 +95,43 @@ def test_small_corpus_gets_one_valid_file_the_smallest_draw(corpus, tmp_path, ca
     (one := tmp_path / "one" / "train").mkdir(parents=True)
     soundfile.write(one / "a.flac", tone(16000, 200, 0), 16000)
     with pytest.raises(ValueError, match="a valid split needs at least 2 usable files"):
-        create_tsv(one, tmp_path / "one_tsv", valid_percent=0.01)
-    assert create_tsv(one, tmp_path / "one_tsv", valid_percent=0).train == [("a.flac", 16000)]
+        create_tsv(one.parent, tmp_path / "one_tsv", valid_percent=0.01)
+    assert create_tsv(one.parent, tmp_path / "one_tsv", valid_percent=0).train == [("train/a.flac", 16000)]
+
+
+def test_only_the_path_below_the_root_counts_for_train(tmp_path):
+    """Upstream's quirk: the root's own path counted, so a root inside a folder named like train... let dev in."""
+    root = tmp_path / "train_runs" / "corpus"
+    for rel in ("dev-clean/1/1-0.flac", "train-clean-100/2/2-0.flac", "train-clean-100/2/2-1.flac"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        soundfile.write(root / rel, tone(8000, 200, 0), 16000)
+    summary = create_tsv(root, tmp_path / "tsv", valid_percent=0)
+    assert summary.train == [("train-clean-100/2/2-0.flac", 8000), ("train-clean-100/2/2-1.flac", 8000)]
+    with pytest.raises(ValueError, match="with 'train' in its path below .*train-clean-100 \\(its own name"):
+        create_tsv(root / "train-clean-100", tmp_path / "tsv2", valid_percent=0)
+
+
+def test_symlink_loops_end_and_aliases_list_each_real_file_once(corpus, tmp_path):
+    """A loop (a link to an ancestor), an alias folder of the train data, a linked and a hard-linked file:
+    each real file is listed once, under its first path, and gets one draw: never both in train and valid."""
+    src, files = corpus
+    root = tmp_path / "linked"
+    root.mkdir()
+    (root / "LibriSpeech").symlink_to(src / "LibriSpeech")
+    (root / "A-train-alias").symlink_to(src / "LibriSpeech" / "train-clean-100")  # sorts first: its paths win
+    (root / "loop").symlink_to(root)
+    (root / "LibriSpeech-extra" / "train").mkdir(parents=True)
+    first = src / files[0][0]
+    (root / "LibriSpeech-extra" / "train" / "linked.flac").symlink_to(first)
+    os.link(first, root / "LibriSpeech-extra" / "train" / "hard.flac")
+
+    listed = [p.as_posix() for p in list_audio(root)]
+    assert len(listed) == len(files) + 1  # the 8 train files and the dev file, once each
+    assert listed == sorted(listed) and "LibriSpeech/dev-clean/1/2/1-2-0000.flac" in listed
+    assert [p for p in listed if "train" in p] == [rel.replace("LibriSpeech/train-clean-100", "A-train-alias")
+                                                   for rel, _ in files]
+    summary = create_tsv(root, tmp_path / "tsv", valid_percent=0.5)
+    assert len(summary.train) + len(summary.valid) == len(files)
 
 
 def test_listing_ignores_hidden_and_sorts(corpus):
@@ -135,6 +170,27 @@ def test_audio_checks_name_every_bad_file_at_once(tmp_path_factory):
     assert len(summary.skipped) == 5
     assert read_lines(root / "tsv/librispeech_train.tsv")[1:] == [
         "train-clean-100/1/1/good.flac\t16000", "train-clean-100/1/1/short_but_fine.flac\t400"]
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_float_audio_with_nan_or_inf_is_refused_by_name(tmp_path, value):
+    """Float WAV content under a .flac name (libsndfile reads the header, not the name), a bad sample in the
+    middle: the tail check decodes float files in full and names it; load_audio (labels, training, fine-tuning)
+    refuses it too, whatever --audio-check was."""
+    folder = tmp_path / "c" / "train-clean-100" / "1"
+    folder.mkdir(parents=True)
+    soundfile.write(folder / "good.flac", tone(16000, 200, 0), 16000)
+    wave = tone(48000, 200, 1).astype(np.float32)
+    wave[20000] = value
+    soundfile.write(folder / "bad.flac", wave, 16000, format="WAV", subtype="FLOAT")
+    assert audio_problem(folder / "bad.flac", "header") == (48000, None)
+    for check in ("tail", "full"):
+        assert audio_problem(folder / "bad.flac", check) == (48000, "sample 20000 is NaN or inf (float audio)")
+    with pytest.raises(BadAudioError, match=f"{folder / 'bad.flac'}: sample 20000 is NaN or inf"):
+        create_tsv(tmp_path / "c", tmp_path / "tsv", valid_percent=0)
+    with pytest.raises(ValueError, match=f"{folder / 'bad.flac'}: sample 20000 is NaN or inf"):
+        load_audio(folder / "bad.flac", 48000)
+    assert load_audio(folder / "good.flac", 16000).shape == (16000,)
 
 
 def test_truncated_and_corrupt_flac_are_caught_by_decoding(tmp_path):

@@ -215,29 +215,59 @@ def test_checksum_mismatch_stops_before_extraction(server, tmp_path):
         download_file(f"{server.url}/train-clean-100.tar.gz", tmp_path / "x.tar.gz", expected)
 
 
-def _traversal_member():
-    info = tarfile.TarInfo("../evil.txt")
-    info.size = 4
+def _member(name, type=tarfile.REGTYPE, linkname="", size=0):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.size = type, linkname, size
     return info
 
 
-def _outside_symlink():
-    info = tarfile.TarInfo("LibriSpeech/link")
-    info.type, info.linkname = tarfile.SYMTYPE, "../../../../evil.txt"
-    return info
+# The shape of the mid-2025 tarfile hole (CVE-2025-4517): a chain of symbolic links, then a file written through
+# its end. The real one needs paths past PATH_MAX to get by the "data" filter; links are refused whatever they say.
+SYMLINK_CHAIN = [_member("LibriSpeech/a", tarfile.SYMTYPE, "."), _member("LibriSpeech/b", tarfile.SYMTYPE, "a/a/a"),
+                 _member("LibriSpeech/c", tarfile.SYMTYPE, "b/../../../../.."),
+                 _member("LibriSpeech/c/evil.txt", size=4)]
+CRAFTED = {
+    "dotdot": ([_member("../evil.txt", size=4)], "'../evil.txt' has a name that does not stay inside"),
+    "absolute": ([_member("/tmp/evil.txt", size=4)], "'/tmp/evil.txt' has a name that does not stay inside"),
+    "symlink": ([_member("LibriSpeech/link", tarfile.SYMTYPE, "../../../../evil.txt")],
+                "'LibriSpeech/link' is a symbolic link"),
+    "symlink-chain": (SYMLINK_CHAIN, "'LibriSpeech/a' is a symbolic link"),
+    "hardlink": ([_member("LibriSpeech/hard", tarfile.LNKTYPE, "LibriSpeech/README.TXT")],
+                 "'LibriSpeech/hard' is a hard link"),
+    "device": ([_member("LibriSpeech/null", tarfile.CHRTYPE)], "'LibriSpeech/null' is a character device"),
+    "fifo": ([_member("LibriSpeech/pipe", tarfile.FIFOTYPE)], "'LibriSpeech/pipe' is a fifo"),
+}
 
 
-@pytest.mark.parametrize("member", [_traversal_member, _outside_symlink], ids=["dotdot", "symlink"])
-def test_member_escaping_target_is_refused(server, tmp_path, member):
-    checksums = serve_subsets(server, tmp_path, ["train-clean-100"], extra=[member()])
+@pytest.mark.parametrize("case", CRAFTED)
+def test_crafted_member_is_refused_by_name_and_nothing_is_written(server, tmp_path, case):
+    extra, message = CRAFTED[case]
+    checksums = serve_subsets(server, tmp_path, ["train-clean-100"], extra=extra)
     download_dir = tmp_path / "data"
 
-    with pytest.raises(SystemExit, match="refusing unsafe member"):
+    with pytest.raises(SystemExit, match=re.escape(f"refusing unsafe member: member {message}")):
         run_main(server, checksums, download_dir, "100", "--cleanup")
 
     assert not any(p.name == "evil.txt" for p in tmp_path.rglob("*"))
+    assert not (tmp_path.parent / "evil.txt").exists()
     assert list((download_dir / "100_extract").iterdir()) == []  # neither target nor temp folder
     assert (download_dir / "downloaded_raw" / "train-clean-100.tar.gz").exists()  # kept: not extracted
+
+
+def test_extraction_writes_plain_files_with_default_modes(tmp_path):
+    """Folders ('./' included) and files come out; the archive's setuid bit and owner are not applied."""
+    info = _member("LibriSpeech/run.sh", size=3)
+    info.mode = 0o4777
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.addfile(_member("./", tarfile.DIRTYPE))
+        tar.addfile(info, io.BytesIO(b"abc"))
+    (tmp_path / "a.tar.gz").write_bytes(buf.getvalue())
+
+    dataset_itr1.extract_tar(tmp_path / "a.tar.gz", tmp_path / "out" / "a")
+
+    extracted = tmp_path / "out" / "a" / "LibriSpeech" / "run.sh"
+    assert extracted.read_bytes() == b"abc" and not extracted.stat().st_mode & 0o4000
 
 
 def test_rerun_skips_finished_work_and_redoes_half_extraction(server, tmp_path, capsys):
@@ -258,7 +288,7 @@ def test_rerun_skips_finished_work_and_redoes_half_extraction(server, tmp_path, 
     assert (target / dataset_itr1.MARKER).exists()
     assert not (target / "stray.flac").exists()
     assert (target / "LibriSpeech" / "dev-clean" / "19" / "198" / "19-198-0001.flac").exists()
-    assert "only files whose path contains 'train'" in capsys.readouterr().out
+    assert "only files whose path below --root-dir contains 'train'" in capsys.readouterr().out
 
 
 def test_split_300_is_an_alias_of_360(server, tmp_path, capsys):

@@ -136,20 +136,46 @@ def test_existing_outputs_are_kept_unless_overwrite(tmp_path):
     ckpt = save_lightning(source, tmp_path / "model.ckpt")
     out, ta = tmp_path / "hf", tmp_path / "ta.pt"
     out.mkdir()
-    (out / "stale.txt").write_text("old")
+    (out / "config.json").write_text("{}")  # an earlier export's file
+    (out / "model-00001-of-00002.safetensors").write_text("old shard")
     ta.write_bytes(b"old")
     for flag, path in (("--hf-dir", out), ("--torchaudio", ta)):
         with pytest.raises(SystemExit, match=f"{path} already exists; pass --overwrite"):
             export.main(["--checkpoint", str(ckpt), flag, str(path)])
-    assert (out / "stale.txt").exists() and ta.read_bytes() == b"old"
+    assert (out / "config.json").read_text() == "{}" and ta.read_bytes() == b"old"
 
     export.main(["--checkpoint", str(ckpt), "--hf-dir", str(out), "--torchaudio", str(ta), "--overwrite"])
-    assert not (out / "stale.txt").exists()
+    assert not (out / "model-00001-of-00002.safetensors").exists()
     assert torch.load(ta, weights_only=True)["config"]["encoder_num_layers"] == 2
     head = torch.load(out / "hubert_pretraining_head.pt", weights_only=True)
     assert torch.equal(head["mask_generator.mask_embedding"], source.mask_generator.mask_embedding)
     assert not hasattr(HubertModel.from_pretrained(out), "masked_spec_embed")
     assert not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.parametrize("other", ["file", "folder", "link", "hf_dir_is_a_file"])
+def test_overwrite_refuses_an_hf_dir_holding_anything_export_did_not_write(tmp_path, other):
+    """--hf-dir DIR --overwrite used to delete the whole of DIR: now a folder holding a checkpoint, a subfolder
+    or a link, or a DIR that is a file, is refused by name and nothing is written or deleted."""
+    ckpt = save_lightning(build("pre_ln", conv2d=False), tmp_path / "model.ckpt")
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    precious = {"file": out / "last.ckpt", "folder": out / "runs" / "notes.txt", "link": tmp_path / "target.txt",
+                "hf_dir_is_a_file": tmp_path / "file"}[other]
+    precious.parent.mkdir(exist_ok=True)
+    precious.write_text("precious")
+    if other == "link":
+        (out / "model.safetensors").symlink_to(precious)
+    if other == "hf_dir_is_a_file":
+        out = precious
+    before = sorted(map(str, tmp_path.rglob("*")))
+
+    message = "is not a folder" if other == "hf_dir_is_a_file" else "holds 1 file\\(s\\) that export.py does not write"
+    with pytest.raises(SystemExit, match=f"--hf-dir {out} (exists and )?{message}"):
+        export.main(["--checkpoint", str(ckpt), "--hf-dir", str(out), "--torchaudio", str(tmp_path / "ta.pt"),
+                     "--overwrite"])
+    assert sorted(map(str, tmp_path.rglob("*"))) == before and precious.read_text() == "precious"
 
 
 def test_bad_checkpoints_name_the_file(tmp_path):

@@ -248,6 +248,41 @@ def test_a_folder_without_logs_is_a_clear_error(tmp_path):
         report.main([str(tmp_path)])
 
 
+@pytest.mark.parametrize("case", ["hparams_malformed", "hparams_code", "hparams_list", "metric_text", "no_step"])
+def test_a_malformed_log_file_is_named_by_report(tmp_path, case):
+    """hparams.yaml and metrics.csv from elsewhere: an error naming the file, never a traceback, and yaml
+    constructs no Python object (a tag that would run code when loaded with yaml's full loader is refused)."""
+    version = tmp_path / "lightning_logs" / "version_0"
+    version.mkdir(parents=True)
+    marker = tmp_path / "code_ran"
+    metrics, hparams = "step,train_loss\n0,1.5\n1,1.2\n", "betas: !!python/tuple\n- 0.9\n- 0.98\n"
+    if case == "hparams_malformed":
+        hparams = "betas: [0.9, 0.98\nseed: 1\n"
+    elif case == "hparams_code":
+        hparams = f"x: !!python/object/apply:builtins.exec [\"open('{marker}', 'w')\"]\n"
+    elif case == "hparams_list":
+        hparams = "- 1\n- 2\n"
+    elif case == "metric_text":
+        metrics += "2,nan?\n"
+    else:
+        metrics = "epoch,train_loss\n0,1.5\n"
+    (version / "metrics.csv").write_text(metrics)
+    (version / "hparams.yaml").write_text(hparams)
+    where = {"metric_text": "metrics.csv:4: column 'train_loss' is not a number",
+             "no_step": "metrics.csv: not a Lightning metrics.csv"}.get(case, "hparams.yaml: not a Lightning hparams")
+    with pytest.raises(SystemExit, match=f"report.py: error: {version}/{where}"):
+        report.main([str(tmp_path), "--no-labels"])
+    assert not marker.exists()
+
+
+def test_lightnings_hparams_tuples_are_read(tmp_path):
+    version = tmp_path / "lightning_logs" / "version_0"
+    version.mkdir(parents=True)
+    (version / "metrics.csv").write_text("step,train_loss\n0,1.5\n")
+    (version / "hparams.yaml").write_text("betas: !!python/tuple\n- 0.9\n- 0.98\nseed: 3\n")
+    assert read_run(tmp_path).hparams == {"betas": (0.9, 0.98), "seed": 3}
+
+
 def history(hparams=None, **series):
     from pathlib import Path
 

@@ -95,8 +95,17 @@ def test_missing_audio_and_wrong_length_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"1 listed audio file\(s\) do not exist, first: .*/1/gone.flac"):
         HuBERTDataSet(exp, "librispeech", "train")
     tsv.write_text(good.replace("\t40000", "\t40001"))
+    with pytest.raises(ValueError, match=r"librispeech_train.tsv: 1 listed audio file\(s\) do not have the sample "
+                                         r"count it lists .*utt2.flac \(line 4\): 40000 samples, listed as 40001"):
+        HuBERTDataSet(exp, "librispeech", "train")  # at start-up, not when training reaches the file
+    tsv.write_text(good)
     ds = HuBERTDataSet(exp, "librispeech", "train")
-    with pytest.raises(ValueError, match=r"utt2.flac: has 40000 samples but .*librispeech_train.tsv says 40001"):
+    path = exp.parent / "LibriSpeech" / "0" / "utt2.flac"
+    soundfile.write(path, np.zeros(39990, dtype=np.int16), 16000)  # changed after start-up
+    with pytest.raises(ValueError, match=r"utt2.flac: has 39990 samples but .*librispeech_train.tsv says 40000"):
+        ds[2]
+    soundfile.write(path, np.full(40000, np.nan, dtype=np.float32), 16000, format="WAV", subtype="FLOAT")
+    with pytest.raises(ValueError, match=r"utt2.flac: sample 0 is NaN or inf"):
         ds[2]
 
 

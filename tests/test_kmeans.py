@@ -1,5 +1,8 @@
 """k-means: the --percent picks, the sample gathered once (the same rows as the old gather), nearest-centre
 labels in chunks, and skip of a finished fit."""
+import json
+import pickle
+
 import joblib
 import numpy as np
 import pytest
@@ -7,7 +10,9 @@ import torch
 
 from utils.common_utils import atomic_write
 from utils.feature_shards import shard_paths, write_shard
-from utils.kmeans import fit_kmeans, gather_sample, kmeans_picks, learn_kmeans, predict
+from tools.convert_kmeans import main as convert_kmeans
+from utils.kmeans import (fit_kmeans, fitted_inertia, gather_sample, kmeans_picks, learn_kmeans, load_centers,
+                          predict)
 
 
 def write_upstream_shard(feat_dir, split, rank, num_rank, feats, lengths, key=None):
@@ -100,19 +105,59 @@ def test_fit_is_seeded_saved_and_not_redone(tmp_path):
     blobs = torch.cat([torch.randn(40, 2, generator=generator) * 0.1 + c for c in centres])
     write_upstream_shard(tmp_path / "feat", "train", 1, 1, blobs, [60, 60])
     inertia = learn_kmeans(tmp_path / "feat", "train", 1, tmp_path / "km", 3, seed=0)
-    km = joblib.load(tmp_path / "km" / "model.pt")
-    assert km.cluster_centers_.shape == (3, 2) and km.random_state == 0 and km.n_init == 20
-    assert sorted(map(tuple, km.cluster_centers_.round().tolist())) == [(0, 0), (0, 5), (5, 5)]
+    centers = np.load(tmp_path / "km" / "model.npy", allow_pickle=False)
+    assert centers.shape == (3, 2)
+    assert sorted(map(tuple, centers.round().tolist())) == [(0, 0), (0, 5), (5, 5)]
     assert inertia == pytest.approx(0.02, rel=0.5)  # 2 dims x 0.1^2 variance
-    assert (fit_kmeans(blobs.numpy(), 3, 0).cluster_centers_ == km.cluster_centers_).all()
-    stamp = (tmp_path / "km" / "model.pt").stat().st_mtime_ns
+    assert (fit_kmeans(blobs.numpy(), 3, 0).cluster_centers_ == centers).all()
+    assert torch.equal(load_centers(tmp_path / "km", "cpu"), torch.from_numpy(centers))
+    stamp = (tmp_path / "km" / "model.npy").stat().st_mtime_ns
     assert learn_kmeans(tmp_path / "feat", "train", 1, tmp_path / "km", 3, seed=0) == inertia
-    assert (tmp_path / "km" / "model.pt").stat().st_mtime_ns == stamp
+    assert (tmp_path / "km" / "model.npy").stat().st_mtime_ns == stamp
     learn_kmeans(tmp_path / "feat", "train", 1, tmp_path / "km", 2, seed=0)  # another K: refitted
-    assert joblib.load(tmp_path / "km" / "model.pt").cluster_centers_.shape == (2, 2)
+    assert load_centers(tmp_path / "km", "cpu").shape == (2, 2)
     (tmp_path / "feat" / "train_1_1.done").write_text("other features")
-    stamp = (tmp_path / "km" / "model.pt").stat().st_mtime_ns
+    stamp = (tmp_path / "km" / "model.npy").stat().st_mtime_ns
     learn_kmeans(tmp_path / "feat", "train", 1, tmp_path / "km", 2, seed=0)  # other features: refitted
-    assert (tmp_path / "km" / "model.pt").stat().st_mtime_ns != stamp
+    assert (tmp_path / "km" / "model.npy").stat().st_mtime_ns != stamp
     with pytest.raises(ValueError, match="needs at least 500 frames"):
         learn_kmeans(tmp_path / "feat", "train", 1, tmp_path / "km", 500, seed=0)
+
+
+class WritesMarker:
+    """Unpickling this writes a file: the harm a k-means model from elsewhere could do if it were unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('code ran')",)
+
+
+def test_a_pickled_model_is_never_loaded_and_an_earlier_versions_converts_in_one_command(tmp_path, capsys):
+    km_dir, marker = tmp_path / "km_model", tmp_path / "code_ran"
+    km_dir.mkdir()
+    (km_dir / "model.done").write_text(json.dumps({"key": "k", "inertia": 0.5}))
+    (km_dir / "model.pt").write_bytes(pickle.dumps(WritesMarker(marker)))
+    for load in (lambda: load_centers(km_dir, "cpu"), lambda: fitted_inertia(km_dir, "k")):  # labels; a re-run
+        with pytest.raises(ValueError, match=f"model.pt: k-means model of an earlier version, a pickle .* "
+                                             f"python tools/convert_kmeans.py {km_dir};"):
+            load()
+    assert fitted_inertia(km_dir, "other inputs") is None  # fitted again, model.pt untouched
+    # A .npy holding a pickle (object array) is refused too.
+    np.save(km_dir / "model.npy", np.array([WritesMarker(marker)], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="model.npy: not a k-means model .*allow_pickle=False"):
+        load_centers(km_dir, "cpu")
+    np.save(km_dir / "model.npy", np.array([[0.0, np.nan]]))
+    with pytest.raises(ValueError, match="model.npy: not a k-means model: expected a \\(K, D\\) array of finite"):
+        load_centers(km_dir, "cpu")
+    assert not marker.exists()
+
+    # A genuine model of an earlier version (trusted): the one-line conversion, then it loads without pickle.
+    (km_dir / "model.npy").unlink()
+    km = fit_kmeans(np.random.default_rng(0).standard_normal((50, 3)).astype(np.float32), 4, seed=0)
+    joblib.dump(km, km_dir / "model.pt")
+    convert_kmeans([str(km_dir)])
+    assert "model.pt is no longer read" in capsys.readouterr().out
+    assert torch.equal(load_centers(km_dir, "cpu"), torch.from_numpy(km.cluster_centers_))
+    assert fitted_inertia(km_dir, "k") == 0.5

@@ -1,5 +1,5 @@
 """The optional faiss k-means backend: it finds the clusters at least as well as sklearn, is seeded and
-thread-count independent, saves the same model.pt (a fitted MiniBatchKMeans) and runs in preprocess.py;
+thread-count independent, saves the same model.npy (the centres) and runs in preprocess.py;
 without faiss it says how to install it.
 
 No test here may have "train" in its name (see tests/test_common_utils.py).
@@ -76,16 +76,16 @@ def test_learn_kmeans_saves_a_model_that_loads_and_knows_its_backend(tmp_path):
     half = len(feats) // 2
     write_upstream_shard(tmp_path / "feat", "train", 1, 1, torch.from_numpy(feats), [half, len(feats) - half])
     inertia = learn_kmeans(tmp_path / "feat", "train", 1, tmp_path / "km", 3, seed=0, backend="faiss")
-    km = joblib.load(tmp_path / "km/model.pt")
-    assert isinstance(km, MiniBatchKMeans) and km.cluster_centers_.dtype == np.float32
-    assert torch.equal(load_centers(tmp_path / "km", "cpu"), torch.from_numpy(km.cluster_centers_))
-    assert inertia == pytest.approx(mean_sq_dist(feats, km.cluster_centers_), rel=1e-5)
+    centers = np.load(tmp_path / "km/model.npy", allow_pickle=False)
+    assert centers.dtype == np.float32
+    assert torch.equal(load_centers(tmp_path / "km", "cpu"), torch.from_numpy(centers))
+    assert inertia == pytest.approx(mean_sq_dist(feats, centers), rel=1e-5)
     assert inertia == pytest.approx(2 * 0.3 ** 2, rel=0.3)  # 2 dims x 0.3^2 variance
-    stamp = (tmp_path / "km/model.pt").stat().st_mtime_ns
+    stamp = (tmp_path / "km/model.npy").stat().st_mtime_ns
     assert learn_kmeans(tmp_path / "feat", "train", 1, tmp_path / "km", 3, seed=0, backend="faiss") == inertia
-    assert (tmp_path / "km/model.pt").stat().st_mtime_ns == stamp
+    assert (tmp_path / "km/model.npy").stat().st_mtime_ns == stamp
     learn_kmeans(tmp_path / "feat", "train", 1, tmp_path / "km", 3, seed=0)  # another backend: refitted
-    assert joblib.load(tmp_path / "km/model.pt").n_init == 20
+    assert (tmp_path / "km/model.npy").stat().st_mtime_ns != stamp
 
 
 @needs_faiss
@@ -100,7 +100,7 @@ def test_preprocess_with_faiss_refits_and_writes_the_same_files(tmp_path):
     faiss_files = files_of(data)
     assert set(faiss_files) == set(sklearn_files)
     assert [name for name in faiss_files if faiss_files[name] != sklearn_files[name]] == [
-        "km_model/model.done", "km_model/model.pt", "label/label_train.done", "label/label_train.pt",
+        "km_model/model.done", "km_model/model.npy", "label/label_train.done", "label/label_train.pt",
         "label/label_valid.done", "label/label_valid.pt"]
     centers = load_centers(data / "km_model", "cpu")
     assert centers.shape == (4, 39)

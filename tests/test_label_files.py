@@ -78,6 +78,30 @@ def test_npy_offsets_that_do_not_fit_are_named(tmp_path, offsets, problem):
         open_labels(tmp_path, "train")
 
 
+def test_pickled_npy_labels_are_never_loaded(tmp_path):
+    """An object-dtype .npy is a pickle: refused by name, the code in it never runs."""
+    from tests.test_kmeans import WritesMarker
+
+    marker = tmp_path / "code_ran"
+    np.save(tmp_path / "label_train.npy", np.array([WritesMarker(marker), 1], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "label_train.offsets.npy", np.array([0, 2]))
+    with pytest.raises(ValueError, match=r"label_train.npy: not a .npy array of integer labels \(.*Python objects"):
+        open_labels(tmp_path, "train")
+    (tmp_path / "label_train.npy").write_bytes(b"not numpy")
+    with pytest.raises(ValueError, match=r"label_train.npy: not a .npy array of integer labels"):
+        open_labels(tmp_path, "train")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("line", ["1 99999999999999999999 3", "1 -99999999999999999999", "1 x"])
+def test_a_text_label_that_is_no_int64_is_named(tmp_path, line):
+    (tmp_path / "label_train.pt").write_text(f"1 2\n{line}\n")
+    labels = open_labels(tmp_path, "train")
+    assert labels[0].tolist() == [1, 2]
+    with pytest.raises(ValueError, match=r"label_train.pt:2: not a line of integer labels"):
+        labels[1]
+
+
 def test_missing_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"label_train.pt: label file not found"):
         open_labels(tmp_path, "train")

@@ -1,12 +1,15 @@
-"""Manifest: the TSV parsed in blocks into arrays, paths read back from the file, the existence check."""
+"""Manifest: the TSV parsed in blocks into arrays, paths read back from the file, the start-up check of the files."""
 import pickle
 import re
+import shutil
 
 import numpy as np
 import pytest
+import soundfile
 
 from dataset import manifest
 from dataset.manifest import Manifest
+from utils.feature_utils import read_tsv
 
 
 def write_tsv(path, root, rows, end="\n"):
@@ -54,21 +57,48 @@ def test_pickled_copy_reads_paths_itself(tmp_path):
 
 def test_long_lists_check_a_sample_of_their_files(tmp_path, monkeypatch):
     (tmp_path / "audio").mkdir()
-    rows = [(f"{i}.flac", 1) for i in range(300)]
-    for i in range(300):
-        (tmp_path / "audio" / f"{i}.flac").touch()
+    rows = [(f"{i}.flac", 400) for i in range(300)]
+    soundfile.write(tmp_path / "audio" / "0.flac", np.zeros(400), 16000)
+    for i in range(1, 300):
+        shutil.copyfile(tmp_path / "audio" / "0.flac", tmp_path / "audio" / f"{i}.flac")
     tsv = write_tsv(tmp_path / "x.tsv", tmp_path / "audio", rows)
-    Manifest(tsv).check_files_exist()
+    Manifest(tsv).check_files()
     (tmp_path / "audio" / "7.flac").unlink()
     with pytest.raises(FileNotFoundError, match=r"1 listed audio file\(s\) do not exist, first: .*/7.flac"):
-        Manifest(tsv).check_files_exist()
+        Manifest(tsv).check_files()
     monkeypatch.setattr(manifest, "CHECK_ALL_UP_TO", 100)
     monkeypatch.setattr(manifest, "CHECK_SAMPLE", 20)
     checked, exists = [], manifest.os.path.exists
     monkeypatch.setattr(manifest.os.path, "exists", lambda p: checked.append(p) or exists(p))
-    Manifest(tsv).check_files_exist()  # 7.flac is not in the sample
+    Manifest(tsv).check_files()  # 7.flac is not in the sample
     assert len(checked) <= 22 and checked[0].endswith("/0.flac") and checked[-1].endswith("/299.flac")
     for i in range(300):
         (tmp_path / "audio" / f"{i}.flac").unlink(missing_ok=True)
     with pytest.raises(FileNotFoundError, match=r"x.tsv: (\d+) of \1 checked audio file\(s\) do not exist"):
-        Manifest(tsv).check_files_exist()  # a moved corpus
+        Manifest(tsv).check_files()  # a moved corpus
+
+
+@pytest.mark.parametrize("off", [-3, 2])
+def test_a_sample_count_off_by_a_few_is_named_at_start_up(tmp_path, off):
+    """Found by the header read at start-up, not when training reaches the file."""
+    for i, n in enumerate((16000, 12345)):
+        soundfile.write(tmp_path / f"{i}.flac", np.zeros(n), 16000)
+    tsv = write_tsv(tmp_path / "x.tsv", tmp_path, [("0.flac", 16000), ("1.flac", 12345 + off)])
+    with pytest.raises(ValueError, match=rf"x.tsv: 1 listed audio file\(s\) do not have the sample count it lists .*"
+                                         rf"first: .*/1.flac \(line 3\): 12345 samples, listed as {12345 + off}"):
+        Manifest(tsv).check_files()
+    (tmp_path / "1.flac").write_bytes(b"not audio")
+    with pytest.raises(ValueError, match=r"first: .*/1.flac \(line 3\): unreadable"):
+        Manifest(tsv).check_files()
+
+
+@pytest.mark.parametrize("where", ["root", "path"])
+def test_a_list_that_is_not_utf8_is_named_with_its_line(tmp_path, where):
+    tsv = tmp_path / "x.tsv"
+    root, path = (b"/data/caf\xe9", b"a.flac") if where == "root" else (b"/data", b"caf\xe9/a.flac")
+    tsv.write_bytes(root + b"\ngood.flac\t16000\n" + path + b"\t400\n")
+    line = 1 if where == "root" else 3
+    with pytest.raises(ValueError, match=rf"x.tsv:{line}: not UTF-8 text \(invalid continuation byte\): .*caf"):
+        Manifest(tsv)
+    with pytest.raises(ValueError, match=rf"x.tsv:{line}: not UTF-8 text"):
+        read_tsv(tsv)  # preprocess.py's reader (--rank jobs)

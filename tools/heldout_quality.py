@@ -22,10 +22,10 @@ from utils.label_quality import LabelQuality, measure_arrays, read_alignments
 
 def label_folder(data_dir, audio_dir, extractor: Extractor, device="cpu") -> Tuple[List[Path], List[int], list]:
     """(files relative to ``audio_dir``, their sample counts, their frame labels) for every .flac under
-    ``audio_dir``, labelled with the k-means model of ``data_dir`` (``km_model/model.pt``)."""
+    ``audio_dir``, labelled with the k-means model of ``data_dir`` (``km_model/model.npy``)."""
     centers = load_centers(Path(data_dir) / "km_model", device)
     if centers.shape[1] != extractor.dim:
-        raise ValueError(f"{data_dir}/km_model/model.pt has {centers.shape[1]}-dim centres but the features "
+        raise ValueError(f"{data_dir}/km_model/model.npy has {centers.shape[1]}-dim centres but the features "
                          f"({extractor.description}) are {extractor.dim}-dim")
     files = list_audio(Path(audio_dir))
     if not files:
@@ -39,7 +39,7 @@ def label_folder(data_dir, audio_dir, extractor: Extractor, device="cpu") -> Tup
 
 
 def heldout_quality(data_dir, audio_dir, alignment_paths, extractor: Extractor, device="cpu") -> LabelQuality:
-    """Quality of the labels that ``data_dir/km_model/model.pt`` gives every file under ``audio_dir``."""
+    """Quality of the labels that ``data_dir/km_model/model.npy`` gives every file under ``audio_dir``."""
     files, num_samples, labels = label_folder(data_dir, audio_dir, extractor, device)
     rate = 100 if extractor.description == "mfcc" else 50
     return measure_arrays([f.stem for f in files], num_samples, labels, read_alignments(alignment_paths), rate,
@@ -48,7 +48,7 @@ def heldout_quality(data_dir, audio_dir, alignment_paths, extractor: Extractor, 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", required=True, help="preprocess.py output folder with km_model/model.pt")
+    p.add_argument("--data-dir", required=True, help="preprocess.py output folder with km_model/model.npy")
     p.add_argument("--audio-dir", required=True, help="folder searched for *.flac (the held-out speakers)")
     p.add_argument("--alignments", required=True, nargs="+", help="'<utt-id>\\t<phone> ...' files at 100 Hz")
     p.add_argument("--checkpoint-path", default=None, help="model of HuBERT-layer features (else MFCC)")

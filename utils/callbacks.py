@@ -2,6 +2,7 @@
 progress bar."""
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -17,6 +18,9 @@ from utils.common_utils import SAMPLE_RATE
 # rich 14.1 and newer (it pops rich's empty live-display stack), so those get Lightning's tqdm bar.
 RICH = RequirementCache("rich>=10.2.2") and (RequirementCache("pytorch-lightning>=2.5.3")
                                              or RequirementCache("rich<14.1"))
+
+
+OWN_NAME = re.compile(r"epoch=\d+-step=\d+\.ckpt")  # the only files CheckpointKeeper writes and prunes
 
 
 class CheckpointKeeper(pl.Callback):
@@ -86,12 +90,24 @@ class CheckpointKeeper(pl.Callback):
         return {"dirpath": str(self.dirpath.resolve()), "best": self.best, "newest": self.newest}
 
     def load_state_dict(self, state: dict) -> None:
-        """Only in the folder it was written for, and only files that are still there."""
-        if state.get("dirpath") != str(self.dirpath.resolve()):
+        """Only in the folder it was written for, and only files that are still there and are named as this
+        keeper names them: the names are later pruned, so a state from elsewhere naming '../x', '/x' or any other
+        file would have it deleted."""
+        if not isinstance(state, dict) or state.get("dirpath") != str(self.dirpath.resolve()):
             return
-        exists = lambda name: name is not None and (self.dirpath / name).is_file()  # noqa: E731
-        self.best = {m: [(v, n) for v, n in state["best"].get(m, []) if exists(n)][:self.top_k] for m in self.best}
-        self.newest = state["newest"] if exists(state["newest"]) else None
+        best = state.get("best") if isinstance(state.get("best"), dict) else {}
+        self.best = {m: [(float(v), n) for v, n in map(_pair, best.get(m, [])) if self._own(n)][:self.top_k]
+                     for m in self.best}
+        self.newest = state.get("newest") if self._own(state.get("newest")) else None
+
+    def _own(self, name) -> bool:
+        return isinstance(name, str) and OWN_NAME.fullmatch(name) is not None and (self.dirpath / name).is_file()
+
+
+def _pair(entry) -> tuple:
+    """A (value, name) ranking entry, or (nan, None) for anything else."""
+    ok = isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], (int, float))
+    return tuple(entry) if ok else (math.nan, None)
 
 
 def link(target: Path, path: Path) -> None:

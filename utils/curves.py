@@ -26,14 +26,22 @@ def metrics_csv(exp_dir) -> Path:
 
 
 def read_metrics(path) -> Series:
-    """Every logged metric as (step, value) pairs, in file order."""
+    """Every logged metric as (step, value) pairs, in file order; a file that is not Lightning's CSV of numbers is
+    an error naming it, the line and the column."""
     series: Series = {}
-    with open(path) as f:
-        for row in csv.DictReader(f):
-            step = int(row["step"])
-            for name, value in row.items():
-                if name not in ("step", "epoch") and value not in ("", None):
-                    series.setdefault(name, []).append((step, float(value)))
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.DictReader(f)
+        if "step" not in (reader.fieldnames or []):
+            raise ValueError(f"{path}: not a Lightning metrics.csv (no 'step' column in its header)")
+        for row in reader:
+            name = "step"
+            try:
+                step = int(row["step"])
+                for name, value in row.items():
+                    if name not in ("step", "epoch") and value not in ("", None):
+                        series.setdefault(name, []).append((step, float(value)))
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{path}:{reader.line_num}: column {name!r} is not a number ({e})") from None
     return series
 
 

@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
-import soundfile
 import torch
 import torchaudio
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from utils.checkpoint import load_pretrained_model
-from utils.common_utils import SAMPLE_RATE
+from utils.common_utils import SAMPLE_RATE, decode_utf8, load_audio
 from utils.device import exact_fp32
 from utils.feature_shards import ShardReader, shard_is_done, write_shard
 
@@ -32,7 +31,7 @@ def read_tsv(path) -> Tuple[str, List[str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"TSV file list {path} not found")
-    text = path.read_text()
+    text = decode_utf8(path.read_bytes(), path)
     if not text:
         raise ValueError(f"TSV file list {path} is empty (its first line must be the root folder)")
     root, *lines = text.splitlines()
@@ -83,21 +82,6 @@ def read_shards(tsv_file, split: str, num_rank: int) -> List[Shard]:
     root, lines = read_tsv(tsv_file)
     return [Shard(split, rank, num_rank, root, lines[slice(*shard_range(len(lines), rank, num_rank))])
             for rank in range(1, num_rank + 1)]
-
-
-def load_audio(path, num_samples: Optional[int] = None) -> Tensor:
-    """Channel 0 of a 16 kHz file as float32 in [-1, 1) (what ``torchaudio.load`` gives), with errors
-    that name the file."""
-    try:
-        waveform, sample_rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, OSError) as e:
-        raise ValueError(f"{path}: cannot decode audio: {e}") from e
-    if sample_rate != SAMPLE_RATE:
-        raise ValueError(f"{path}: sample rate {sample_rate} Hz, expected {SAMPLE_RATE}")
-    if num_samples is not None and len(waveform) != num_samples:
-        raise ValueError(f"{path}: has {len(waveform)} samples but the TSV says {num_samples} "
-                         "(file changed or truncated since the file list was made)")
-    return torch.from_numpy(waveform[:, 0].copy())
 
 
 @dataclass

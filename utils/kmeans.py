@@ -1,11 +1,13 @@
 """Step 3 of preprocessing (upstream-spec §3.4): fit k-means on the train features (the ``--percent`` sample),
 and the nearest-centre rule that labels frames (§3.5).
 
-``km_model/model.pt`` is a joblib pickle of the fitted sklearn ``MiniBatchKMeans`` (as upstream), whichever
-backend fitted it; ``km_model/model.done`` (JSON: a hash of the inputs and the inertia) lets a re-run skip the
-fit. The optional faiss backend (``pip install faiss-cpu``, or faiss-gpu) runs Lloyd's k-means on every frame
-from upstream's greedy k-means++ start: inertia within 1 % of sklearn's, 3-4x faster on CPU for 768-dim
-features, on the GPU if faiss has CUDA (bench/kmeans.py).
+``km_model/model.npy`` holds the (K, D) cluster centres, whichever backend fitted them, read back with
+``allow_pickle=False``: upstream's ``model.pt``, a joblib pickle of the fitted sklearn ``MiniBatchKMeans``, runs
+code when loaded, so a model from elsewhere could; one left by an earlier version is refused with the command that
+converts it (tools/convert_kmeans.py). ``km_model/model.done`` (JSON: a hash of the inputs and the inertia) lets
+a re-run skip the fit. The optional faiss backend (``pip install faiss-cpu``, or faiss-gpu) runs Lloyd's k-means
+on every frame from upstream's greedy k-means++ start: inertia within 1 % of sklearn's, 3-4x faster on CPU for
+768-dim features, on the GPU if faiss has CUDA (bench/kmeans.py).
 The labels themselves are written by ``utils.labels``.
 """
 import hashlib
@@ -115,8 +117,8 @@ def fit_faiss(feats: np.ndarray, n_clusters: int, seed: int, gpu: bool = False) 
 
 
 def as_minibatch_kmeans(centers: np.ndarray, inertia: float, seed: int) -> MiniBatchKMeans:
-    """A fitted MiniBatchKMeans holding ``centers`` (and the fit's total ``inertia``), so model.pt is what
-    upstream writes and its .predict, .score and .transform work. Made by sklearn's own fit (on the centres,
+    """A fitted MiniBatchKMeans holding ``centers`` (and the fit's total ``inertia``), as sklearn's fit gives,
+    so its .predict, .score and .transform work. Made by sklearn's own fit (on the centres,
     starting from them: nothing moves; two steps, as one sets no inertia) rather than by setting private
     attributes, which change between sklearn versions."""
     km = MiniBatchKMeans(n_clusters=len(centers), init=centers, n_init=1, max_iter=2, batch_size=len(centers),
@@ -130,23 +132,47 @@ def kmeans_key(shard_keys: Sequence[str], n_clusters: int, seed: int, backend: s
     return hashlib.sha256(json.dumps([list(shard_keys), n_clusters, seed, backend]).encode()).hexdigest()
 
 
+MODEL, LEGACY_MODEL = "model.npy", "model.pt"
+
+
+def legacy_model_error(km_dir) -> ValueError:
+    """The refusal of an earlier version's pickled model, with the one-line conversion."""
+    legacy = Path(km_dir) / LEGACY_MODEL
+    return ValueError(f"{legacy}: k-means model of an earlier version, a pickle (which can run code when loaded), so "
+                      f"it is not loaded; this version reads the centres from {Path(km_dir) / MODEL}. If you made or "
+                      f"trust {legacy}, convert it once (this command unpickles it): python tools/convert_kmeans.py "
+                      f"{km_dir}; else delete it and fit k-means again")
+
+
 def fitted_inertia(km_dir, key: str) -> Optional[float]:
-    """The inertia of the saved fit if it was made from the inputs ``key``, else None."""
-    km_path, done_path = Path(km_dir) / "model.pt", Path(km_dir) / "model.done"
-    if km_path.is_file() and done_path.is_file():
+    """The inertia of the saved fit if it was made from the inputs ``key``, else None; an earlier version's
+    pickled fit of these inputs is refused (``legacy_model_error``) rather than fitted again."""
+    km_dir = Path(km_dir)
+    done_path = km_dir / "model.done"
+    if not done_path.is_file():
+        return None
+    try:
         done = json.loads(done_path.read_text())
-        if done["key"] == key:
-            return done["inertia"]
-    return None
+        if done["key"] != key:
+            return None
+        inertia = float(done["inertia"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{done_path}: not a k-means done marker (JSON with key and inertia): {e}; delete it to "
+                         "fit k-means again") from e
+    if not (km_dir / MODEL).is_file():
+        if (km_dir / LEGACY_MODEL).is_file():
+            raise legacy_model_error(km_dir)
+        return None
+    return inertia
 
 
 def learn_kmeans(feat_dir, split: str, num_rank: int, km_dir, n_clusters: int, seed: int = 0,
                  backend: str = "sklearn", gpu: bool = False) -> float:
-    """Fit k-means on the stored features of a split's shards and save it to ``km_dir/model.pt``; returns the
-    inertia (mean squared distance of a frame to its centre). Skipped when a fit of the same inputs (backend
+    """Fit k-means on the stored features of a split's shards and save its centres to ``km_dir/model.npy``;
+    returns the inertia (mean squared distance of a frame to its centre). Skipped when a fit of the same inputs (backend
     included, not ``gpu``) is already saved."""
     km_dir = Path(km_dir)
-    km_path, done_path = km_dir / "model.pt", km_dir / "model.done"
+    km_path, done_path = km_dir / MODEL, km_dir / "model.done"
     markers = [shard_paths(feat_dir, split, r, num_rank)[2] for r in range(1, num_rank + 1)]
     key = kmeans_key([p.read_text() if p.is_file() else "" for p in markers], n_clusters, seed, backend)
     inertia = fitted_inertia(km_dir, key)
@@ -168,18 +194,38 @@ def learn_kmeans(feat_dir, split: str, num_rank: int, km_dir, n_clusters: int, s
     log.info("total inertia: %.5f", inertia)
     km_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(km_path) as f:
-        joblib.dump(km, f)
+        np.save(f, np.asarray(km.cluster_centers_), allow_pickle=False)
     with atomic_write(done_path, "w") as f:
         json.dump({"key": key, "inertia": inertia}, f)
     return inertia
 
 
+def read_centers(path) -> np.ndarray:
+    """The (K, D) centres stored at ``path`` (.npy), read without pickle; anything else is refused by name."""
+    try:
+        centers = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:  # object arrays (pickles) are a ValueError
+        raise ValueError(f"{path}: not a k-means model (a .npy of float centres): {e}") from e
+    return check_centers(centers, path)
+
+
+def check_centers(centers, path) -> np.ndarray:
+    """``centers`` if it is a (K, D) array of finite floats, else a ValueError naming ``path``."""
+    if not isinstance(centers, np.ndarray) or centers.ndim != 2 or centers.dtype.kind != "f" or not centers.size \
+            or not np.isfinite(centers).all():
+        raise ValueError(f"{path}: not a k-means model: expected a (K, D) array of finite float centres, got "
+                         f"{getattr(centers, 'dtype', type(centers).__name__)} {getattr(centers, 'shape', '')}")
+    return centers
+
+
 def load_centers(km_dir, device) -> Tensor:
     """The (K, D) cluster centres of the saved k-means model, as float32 on ``device``."""
-    km_path = Path(km_dir) / "model.pt"
+    km_path = Path(km_dir) / MODEL
     if not km_path.is_file():
+        if (Path(km_dir) / LEGACY_MODEL).is_file():
+            raise legacy_model_error(km_dir)
         raise FileNotFoundError(f"k-means model {km_path} not found (fit k-means first)")
-    return torch.as_tensor(joblib.load(km_path).cluster_centers_, dtype=torch.float32, device=device)
+    return torch.as_tensor(read_centers(km_path), dtype=torch.float32, device=device)
 
 
 def predict_chunk(n_clusters: int) -> int:
