@@ -32,7 +32,7 @@ from utils.checkpoint import exit_if_done, load_checkpoint
 from utils.ctc import VOCAB, read_vocab
 from utils.callbacks import CheckpointKeeper, TrainStatCallback, progress_bars
 from utils.device import PRECISIONS, configure_process, resolve_precision, set_hpu_autocast_lists
-from utils.launch import default_num_nodes
+from utils.launch import cluster_environment, default_num_nodes
 from utils.loggers import run_loggers
 
 
@@ -199,7 +199,8 @@ def build(args):
     loggers = run_loggers(args.exp_dir)
     trainer = pl.Trainer(
         default_root_dir=args.exp_dir, max_steps=args.max_updates, num_nodes=num_nodes, accelerator=accelerator,
-        devices=devices, strategy=strategy, use_distributed_sampler=False, callbacks=callbacks, logger=loggers,
+        devices=devices, strategy=strategy, use_distributed_sampler=False, plugins=[cluster_environment()],
+        callbacks=callbacks, logger=loggers,
         enable_checkpointing=False, reload_dataloaders_every_n_epochs=1, check_val_every_n_epoch=None,
         val_check_interval=args.val_check_interval, num_sanity_val_steps=0, log_every_n_steps=args.log_every_n_steps,
     )

@@ -26,7 +26,7 @@ from utils.callbacks import CheckpointKeeper, TrainStatCallback, progress_bars
 from utils.checkpoint import exit_if_done, load_checkpoint
 from utils.device import (PRECISIONS, check_devices, compile_backend, configure_process, fast_cpu_bf16,
                           hpu_accelerator_and_strategy, resolve_precision, set_hpu_autocast_lists)
-from utils.launch import default_num_nodes, launched_processes
+from utils.launch import cluster_environment, default_num_nodes, launched_processes
 from utils.loggers import run_loggers
 
 SCRIPT_DIR = Path(__file__).resolve().parent
@@ -257,7 +257,8 @@ def build(args):
     trainer = pl.Trainer(
         default_root_dir=args.exp_dir, max_steps=args.max_updates, num_nodes=num_nodes,
         accelerator=accelerator, devices=devices, strategy=strategy, use_distributed_sampler=False,
-        callbacks=callbacks, logger=loggers, enable_checkpointing=False, reload_dataloaders_every_n_epochs=1,
+        plugins=[cluster_environment()], callbacks=callbacks, logger=loggers, enable_checkpointing=False,
+        reload_dataloaders_every_n_epochs=1,
         check_val_every_n_epoch=None if args.val_check_interval else args.check_val_every_n_epoch,
         val_check_interval=args.val_check_interval, num_sanity_val_steps=args.num_sanity_val_steps,
         log_every_n_steps=args.log_every_n_steps,
