@@ -30,7 +30,7 @@ class HuBERTPreTrainModule(pl.LightningModule):
     the update is the per-masked-frame gradient of the global batch; the micro-batch gradients are averaged
     (each scaled by ``1 / group size``), so 2 x 175 s equals 1 x 350 s (Habana's recipe summed them), and DDP
     all-reduces only after the last one. An update with a non-finite loss on any rank, or a non-finite
-    gradient norm, is skipped on every rank (so DDP stays in step) and counted. Randomness (masks, dropout,
+    gradient norm, is skipped on every rank (after its whole window, so DDP stays in step) and counted. Randomness (masks, dropout,
     layer drop) is seeded per (seed, step, micro-batch, rank) and crops per (seed, epoch, update, micro-batch,
     rank); the train loader resumes mid-epoch, so a run resumed from any checkpoint trains as an
     uninterrupted one. The datasets are built once; each epoch only re-plans the batches.
@@ -127,10 +127,13 @@ class HuBERTPreTrainModule(pl.LightningModule):
         return totals[0] / totals[1]
 
     def _accumulate(self, update: UpdateBatch, opt) -> Optional[Tensor]:
-        """Forward and backward of every micro-batch; their STATS row, summed over micro-batches
-        and ranks, or None as soon as some rank's loss is not finite (every rank stops there)."""
+        """Forward and backward of every micro-batch; their STATS row, summed over micro-batches and ranks, or
+        None when some rank's loss was not finite (every rank knows it: the update is skipped). The window runs
+        to its end even then, its gradients dropped with the update: stopped early, it left DDP's reducer the
+        parameters used by a backward already run under no_sync, and a later synced backward in which one of
+        them was dropped (layer drop) failed with "gradient which is undefined, but still allreduced"."""
         h = self.hparams
-        totals = []
+        totals, finite = [], True
         for micro, (micro_batch, num_samples) in enumerate(zip(update.micro_batches, update.num_samples)):
             torch.manual_seed(hash((h.seed, self.global_step, micro, self.global_rank)) & 0xFFFF_FFFF)
             last = micro == len(update.micro_batches) - 1
@@ -139,11 +142,10 @@ class HuBERTPreTrainModule(pl.LightningModule):
                 local = torch.cat([row, torch.isfinite(loss.detach()).float()[None]])
                 gathered = self.all_gather(local).reshape(-1, len(local))  # (world_size, ...)
                 total = gathered.sum(0)
-                if total[-1] < len(gathered):
-                    return None
+                finite = finite and bool(total[-1] == len(gathered))
                 self.manual_backward(loss * len(gathered) / total[1] / len(update.micro_batches))
             totals.append(total)
-        return torch.stack(totals).sum(0)
+        return torch.stack(totals).sum(0) if finite else None
 
     def _optimizer_step(self, opt) -> bool:
         """Clip, step the optimizer and the LR schedule; no step (False) if the gradient norm is not finite
