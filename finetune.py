@@ -125,8 +125,8 @@ def data_folders(args):
 def accelerator_and_strategy(args, num_nodes: int):
     """train.py's device choice. Fine-tuning always leaves parameters without gradients (the frozen-encoder
     updates, layer drop), so DDP must look for them."""
-    as_train = argparse.Namespace(**vars(args), no_layerdrop=False, static_layerdrop=False, dist_dataset=1)
-    return train.accelerator_and_strategy(as_train, num_nodes)
+    as_train = argparse.Namespace(**vars(args), dist_dataset=1)
+    return train.accelerator_and_strategy(as_train, num_nodes, find_unused_parameters=True)
 
 
 class FineTuneStatCallback(TrainStatCallback):

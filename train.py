@@ -214,19 +214,27 @@ def accelerator_name(args) -> str:
     return "hpu" if args.hpus > -1 else "gpu" if args.gpus > -1 else args.accelerator
 
 
-def accelerator_and_strategy(args, num_nodes: int):
-    """(accelerator, devices, strategy) for the Trainer, checking the device exists."""
-    layer_drop_unused = not (args.no_layerdrop or args.static_layerdrop)  # a dropped layer gets no gradient
+def accelerator_and_strategy(args, num_nodes: int, find_unused_parameters: bool):
+    """(accelerator, devices, strategy) for the Trainer, checking the device exists. DDP searches for parameters
+    without a gradient after every backward only when ``find_unused_parameters``."""
     if args.hpus > -1:
         check_devices("hpu", args.hpus)
         accelerator, strategy = hpu_accelerator_and_strategy(
-            args.hpus, num_nodes, single=args.dist_dataset == 0, find_unused_parameters=layer_drop_unused)
+            args.hpus, num_nodes, single=args.dist_dataset == 0, find_unused_parameters=find_unused_parameters)
         return accelerator, args.hpus, strategy
     accelerator, devices = accelerator_name(args), (args.gpus if args.gpus > -1 else args.devices)
     check_devices(accelerator, devices)
     if devices > 1 or num_nodes > 1 or launched_processes() > 1:
-        return accelerator, devices, DDPStrategy(find_unused_parameters=layer_drop_unused)
+        return accelerator, devices, DDPStrategy(find_unused_parameters=find_unused_parameters)
     return accelerator, devices, "auto"
+
+
+def drops_layers(module: HuBERTPreTrainModule) -> bool:
+    """Whether an update can leave a layer without a gradient: layer drop at the model's rate (its config's:
+    HuBERT Large and X-Large have 0; --no-layerdrop and --model-arg encoder_layer_drop=... included), unless
+    --static-layerdrop computes every layer. Else DDP's search for unused parameters is not paid for."""
+    transformer = module.model.wav2vec2.encoder.transformer
+    return transformer.layer_drop > 0 and not module.hparams.static_layerdrop
 
 
 def build(args):
@@ -242,27 +250,6 @@ def build(args):
     if precision.autocast and args.hpus > -1:  # before anything imports habana_frameworks
         set_hpu_autocast_lists(str(SCRIPT_DIR / args.autocast_bf16), str(SCRIPT_DIR / args.autocast_fp32))
     pl.seed_everything(args.seed, workers=True)
-    num_nodes = args.num_nodes or default_num_nodes()
-    accelerator, devices, strategy = accelerator_and_strategy(args, num_nodes)
-    check_dataset_path(args)
-    configure_process(precision, accelerator_name(args))
-    rank_zero_info(f"precision: {precision.describe(accelerator_name(args))} "
-                   f"({devices} {accelerator_name(args).upper()} x {num_nodes} node(s))")
-    ckpt_dir = checkpoint_dir(args.exp_dir, args.dataset, args.model_name)
-    labels = partial(dataset_label_findings, args.dataset_path, args.feature_type, args.num_classes,
-                     dataset=args.dataset)
-    callbacks = [CheckpointKeeper(ckpt_dir, args.save_top_k), TrainStatCallback(args.skip_steps),
-                 HealthCallback(args.exp_dir, labels), SkipGuard(args.max_skips_in_a_row), *progress_bars()]
-    loggers = run_loggers(args.exp_dir)
-    trainer = pl.Trainer(
-        default_root_dir=args.exp_dir, max_steps=args.max_updates, num_nodes=num_nodes,
-        accelerator=accelerator, devices=devices, strategy=strategy, use_distributed_sampler=False,
-        plugins=[cluster_environment()], callbacks=callbacks, logger=loggers, enable_checkpointing=False,
-        reload_dataloaders_every_n_epochs=1,
-        check_val_every_n_epoch=None if args.val_check_interval else args.check_val_every_n_epoch,
-        val_check_interval=args.val_check_interval, num_sanity_val_steps=args.num_sanity_val_steps,
-        log_every_n_steps=args.log_every_n_steps,
-    )
     module = HuBERTPreTrainModule(
         model_name=args.model_name, feature_grad_mult=args.feature_grad_mult, num_classes=args.num_classes,
         dataset=args.dataset, dataset_path=str(args.dataset_path), feature_type=args.feature_type,
@@ -281,6 +268,27 @@ def build(args):
         loss_weights=(args.masked_weight, args.unmasked_weight, args.feature_weight),
         model_args=dict(args.model_arg), use_compile=args.compile,
         compile_backend=compile_backend(accelerator_name(args)), legacy_weight_norm=args.legacy_weight_norm,
+    )
+    num_nodes = args.num_nodes or default_num_nodes()
+    accelerator, devices, strategy = accelerator_and_strategy(args, num_nodes, drops_layers(module))
+    check_dataset_path(args)
+    configure_process(precision, accelerator_name(args))
+    rank_zero_info(f"precision: {precision.describe(accelerator_name(args))} "
+                   f"({devices} {accelerator_name(args).upper()} x {num_nodes} node(s))")
+    ckpt_dir = checkpoint_dir(args.exp_dir, args.dataset, args.model_name)
+    labels = partial(dataset_label_findings, args.dataset_path, args.feature_type, args.num_classes,
+                     dataset=args.dataset)
+    callbacks = [CheckpointKeeper(ckpt_dir, args.save_top_k), TrainStatCallback(args.skip_steps),
+                 HealthCallback(args.exp_dir, labels), SkipGuard(args.max_skips_in_a_row), *progress_bars()]
+    loggers = run_loggers(args.exp_dir)
+    trainer = pl.Trainer(
+        default_root_dir=args.exp_dir, max_steps=args.max_updates, num_nodes=num_nodes,
+        accelerator=accelerator, devices=devices, strategy=strategy, use_distributed_sampler=False,
+        plugins=[cluster_environment()], callbacks=callbacks, logger=loggers, enable_checkpointing=False,
+        reload_dataloaders_every_n_epochs=1,
+        check_val_every_n_epoch=None if args.val_check_interval else args.check_val_every_n_epoch,
+        val_check_interval=args.val_check_interval, num_sanity_val_steps=args.num_sanity_val_steps,
+        log_every_n_steps=args.log_every_n_steps,
     )
     return trainer, module
 

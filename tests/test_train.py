@@ -98,8 +98,8 @@ def ddp_ranks(data, tmp_path, *flags, port=29533, poison=""):
 
 def test_two_process_ddp_over_gloo_ends_with_identical_weights(data, tmp_path):
     """With 2 micro-batches per update DDP all-reduces after the second only (no_sync before): the ranks
-    still end equal."""
-    rank0, rank1 = ddp_ranks(data, tmp_path, "--max-updates", "3")
+    still end equal. Without layer drop, as HuBERT Large's config, DDP does not look for unused parameters."""
+    rank0, rank1 = ddp_ranks(data, tmp_path, "--max-updates", "3", "--model-arg", "encoder_layer_drop=0")
     assert rank0["global_step"] == rank1["global_step"] == 3 and rank0["world_size"] == 2
     start = torch.load(tmp_path / "weights.init.pt", weights_only=True)
     assert any(not torch.equal(start[k], v) for k, v in rank0["state_dict"].items()), "nothing was trained"
@@ -115,6 +115,19 @@ def test_ddp_skip_at_a_later_micro_batch_leaves_ddp_in_step(tmp_path):
                              "--seed", "1", port=29534, poison="0,1,1")
     assert rank0["skipped_steps"] == rank1["skipped_steps"] == 1
     assert rank0["global_step"] == rank1["global_step"] == 6
+
+
+@pytest.mark.parametrize("flags, unused", [
+    ([], True),  # the tiny model's layer drop, 0.05
+    (["--no-layerdrop"], False),
+    (["--static-layerdrop"], False),  # every layer computed
+    (["--model-arg", "encoder_layer_drop=0"], False),
+    (["--model-name", "hubert_pretrain_large"], False),  # its config has no layer drop
+], ids=["tiny", "no_layerdrop", "static_layerdrop", "model_arg", "large"])
+def test_ddp_looks_for_unused_parameters_only_when_layers_drop(data, tmp_path, flags, unused):
+    trainer, module = train.build(train.parse_args(args_for(data, tmp_path / "exp", "--accelerator", "cpu",
+                                                            "--devices", "2", *flags)))
+    assert trainer.strategy._ddp_kwargs["find_unused_parameters"] is unused
 
 
 # Habana README command lines (spec §9.4), with only the device flags swapped for CPU, plus the
