@@ -34,6 +34,7 @@ from utils.callbacks import CheckpointKeeper, TrainStatCallback, progress_bars
 from utils.device import PRECISIONS, configure_process, resolve_precision, set_hpu_autocast_lists
 from utils.launch import cluster_environment, default_num_nodes
 from utils.loggers import run_loggers
+from utils.preemption import Preemption
 
 
 def parse_args(argv=None):
@@ -195,7 +196,7 @@ def build(args):
     configure_process(precision, device)
     ckpt_dir = args.exp_dir / f"checkpoints_{model_name_of(args, module)}"
     callbacks = [CheckpointKeeper(ckpt_dir, args.save_top_k), FineTuneStatCallback(1), HealthCallback(args.exp_dir),
-                 SkipGuard(args.max_skips_in_a_row), *progress_bars()]
+                 SkipGuard(args.max_skips_in_a_row), Preemption(), *progress_bars()]
     loggers = run_loggers(args.exp_dir)
     trainer = pl.Trainer(
         default_root_dir=args.exp_dir, max_steps=args.max_updates, num_nodes=num_nodes, accelerator=accelerator,

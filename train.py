@@ -11,6 +11,7 @@ import logging
 import re
 from functools import partial
 from pathlib import Path
+from typing import Optional
 
 import utils.habana_env  # noqa: F401  (first: Habana's autocast op lists, set before torch loads)
 import pytorch_lightning as pl
@@ -28,6 +29,7 @@ from utils.device import (PRECISIONS, check_devices, compile_backend, configure_
                           hpu_accelerator_and_strategy, resolve_precision, set_hpu_autocast_lists)
 from utils.launch import cluster_environment, default_num_nodes, launched_processes
 from utils.loggers import run_loggers
+from utils.preemption import Preemption
 
 SCRIPT_DIR = Path(__file__).resolve().parent
 
@@ -83,7 +85,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--dataset-path", type=Path, required=True, help="<exp>/data/<feat>/ made by preprocess.py (tsv/, label/)")
-    a("--resume-checkpoint", type=Path, default=None, help="checkpoint to resume training from")
+    a("--resume-checkpoint", default="auto",
+      help="checkpoint to resume training from; auto (default): the run's last.ckpt when --exp-dir has one, so a "
+           "relaunch of the same command continues the run; none: start afresh")
     a("--feature-type", choices=["mfcc", "hubert"], required=True, help="mfcc labels are 100 Hz, halved to 50 Hz")
     a("--feature-grad-mult", type=parse_grad_mult, default=0.1,
       help="CNN gradient scale in (0, 1] (base and tiny models; 1 = unscaled)")
@@ -237,8 +241,19 @@ def drops_layers(module: HuBERTPreTrainModule) -> bool:
     return transformer.layer_drop > 0 and not module.hparams.static_layerdrop
 
 
+def resume_from(args) -> Optional[Path]:
+    """The checkpoint --resume-checkpoint names. auto: the run's newest state (``last.ckpt``, whatever stopped
+    the run: a kill, a preemption, a node restart) when there is one, so torchrun's restarts, SLURM's requeues
+    and a plain relaunch continue the run exactly, and a finished run's relaunch says it is done."""
+    if args.resume_checkpoint == "auto":
+        last = checkpoint_dir(args.exp_dir, args.dataset, args.model_name) / "last.ckpt"
+        return last.resolve() if last.exists() else None  # the file, not the link rank 0 will move
+    return None if args.resume_checkpoint in (None, "none") else Path(args.resume_checkpoint)
+
+
 def build(args):
     """The Trainer and the LightningModule for these arguments (nothing runs yet)."""
+    args.resume_checkpoint = resume_from(args)
     if args.resume_checkpoint is not None:
         try:  # fail now, naming the file, rather than deep inside Lightning
             resumed = load_checkpoint(args.resume_checkpoint)
@@ -279,7 +294,8 @@ def build(args):
     labels = partial(dataset_label_findings, args.dataset_path, args.feature_type, args.num_classes,
                      dataset=args.dataset)
     callbacks = [CheckpointKeeper(ckpt_dir, args.save_top_k), TrainStatCallback(args.skip_steps),
-                 HealthCallback(args.exp_dir, labels), SkipGuard(args.max_skips_in_a_row), *progress_bars()]
+                 HealthCallback(args.exp_dir, labels), SkipGuard(args.max_skips_in_a_row), Preemption(),
+                 *progress_bars()]
     loggers = run_loggers(args.exp_dir)
     trainer = pl.Trainer(
         default_root_dir=args.exp_dir, max_steps=args.max_updates, num_nodes=num_nodes,
@@ -294,11 +310,14 @@ def build(args):
 
 
 def fit(trainer, module, ckpt_path, script: str) -> None:
-    """trainer.fit, then an error exit if the skip guard stopped the run."""
+    """trainer.fit, then an error exit if the skip guard stopped the run, or a signal's (utils/preemption.py)."""
     trainer.fit(module, ckpt_path=ckpt_path)
     guard = next(c for c in trainer.callbacks if isinstance(c, SkipGuard))
     if guard.reason:
         raise SystemExit(f"{script}: error: {guard.reason}")
+    preemption = next(c for c in trainer.callbacks if isinstance(c, Preemption))
+    if preemption.stopped_by:
+        preemption.leave(trainer, script)
 
 
 def run_train(args):
@@ -313,12 +332,11 @@ def main(argv=None):
 
 def main_to_end(argv) -> bool:
     """``main(argv)`` for scripts that may be re-run: nothing when the run's ``last.ckpt`` already reached
-    ``--max-updates``, a resume from it when a run was interrupted. Whether it trained."""
+    ``--max-updates`` (rather than exiting), a resume from it when a run was interrupted. Whether it trained."""
     args = parse_args(argv)
-    last = checkpoint_dir(args.exp_dir, args.dataset, args.model_name) / "last.ckpt"
-    if last.exists() and load_checkpoint(last)["global_step"] >= args.max_updates:
+    start = resume_from(args)
+    if start is not None and load_checkpoint(start)["global_step"] >= args.max_updates:
         return False
-    args.resume_checkpoint = last if last.exists() else None
     run_train(args)
     return True
 
