@@ -12,7 +12,8 @@ from dataset import (BucketizeBatchSampler, CollateFnHubert, DistributedBatchSam
 from loss import compute_accuracy, compute_accuracy_static, hubert_loss, hubert_loss_static
 from model import FACTORIES, convert_conv_layout, convert_optimizer_state, convert_weight_norm
 from utils.checkpoint import align_logging_step, align_loop_state, predates_resumable_data
-from utils.device import clip_grad_norm, draws_before_forward, hpu_graph_breaks, make_optimizer
+from utils.device import (clip_grad_norm, draws_before_forward, hpu_graph_breaks, make_optimizer,
+                          portable_optimizer_state)
 from utils.lr_schedule import LinearDecayLRScheduler
 
 SAMPLE_RATE = 16000
@@ -251,15 +252,25 @@ class HuBERTPreTrainModule(pl.LightningModule):
             checkpoint["state_dict"] = convert_weight_norm(checkpoint["state_dict"], legacy=True)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Any conv layout and either weight-norm naming resumes any run: convert to this model's."""
+        """Any conv layout, either weight-norm naming and either AdamW's state (torch's, Habana's FusedAdamW)
+        resumes any run: convert to this run's."""
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
         self._resume_without_data_position = predates_resumable_data(checkpoint)
         align_loop_state(checkpoint)  # before Lightning restores its loops from it
         use_conv2d = self.hparams.use_conv2d
         state_dict = convert_weight_norm(checkpoint["state_dict"], legacy=False)
         checkpoint["state_dict"] = convert_conv_layout(state_dict, use_conv2d)
-        checkpoint["optimizer_states"] = [convert_optimizer_state(s, self._param_names(), use_conv2d)
-                                          for s in checkpoint.get("optimizer_states", [])]
+        like = self._optimizer_like()
+        checkpoint["optimizer_states"] = [
+            portable_optimizer_state(convert_optimizer_state(s, self._param_names(), use_conv2d), like)
+            for s in checkpoint.get("optimizer_states", [])]
+
+    def _optimizer_like(self) -> torch.optim.Optimizer:
+        """An optimizer of the kind configure_optimizers builds (on one stand-in parameter): the layout and
+        settings a resumed state must have, whichever AdamW wrote it."""
+        h = self.hparams
+        return make_optimizer(h.optimizer_str, [torch.nn.Parameter(torch.zeros(1))], h.learning_rate,
+                              tuple(h.betas), h.eps, h.weight_decay, self.trainer.strategy.root_device.type)
 
 
 def checkpoint_dir(exp_dir: Path, dataset: str, model_name: str) -> Path:

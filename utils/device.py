@@ -274,6 +274,36 @@ def make_optimizer(name: str, params, lr: float, betas, eps: float, weight_decay
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
 
 
+IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")  # torch optimizers' kernel choices
+
+
+def portable_optimizer_state(saved: dict, target: torch.optim.Optimizer) -> dict:
+    """An AdamW state dict (torch's ``AdamW`` or Habana's ``FusedAdamW``) in ``target``'s layout, so a run resumes
+    across the two (bias-corrected AdamW, decoupled weight decay). torch keeps the step count in each parameter's
+    state (a tensor), counting the updates in which it had a gradient; FusedAdamW one per param group (``step``,
+    with ``correct_bias``), counting every update, and 0 in each parameter's state (so with layer drop the two
+    differ by design, converted or not). Group settings the target lacks are dropped, those it has and the
+    checkpoint lacks come from its defaults, as do its kernel choices (``fused``, ``foreach``: --optimizer
+    decides). Loaded as it was, a Habana state trained with bias correction from step 0 again, and a torch state
+    failed in FusedAdamW."""
+    to_habana = "correct_bias" in target.defaults
+    groups, state = [], {idx: dict(entry) for idx, entry in saved["state"].items()}
+    for group in saved["param_groups"]:
+        from_habana = "correct_bias" in group
+        if from_habana and not group["correct_bias"] and not to_habana:
+            raise ValueError("the checkpoint's FusedAdamW ran without bias correction (correct_bias=False), which "
+                             "torch's AdamW cannot continue: resume it with --optimizer fusedadamw on --hpus")
+        mine = [state[idx] for idx in group["params"] if idx in state]
+        extra = ("params", "initial_lr", "step") if to_habana else ("params", "initial_lr")  # not in defaults
+        kept = {k: v for k, v in group.items() if k not in IMPLEMENTATION and (k in target.defaults or k in extra)}
+        if to_habana and not from_habana:
+            kept.update(step=int(max((float(entry["step"]) for entry in mine), default=0)), correct_bias=True)
+        for entry in mine if to_habana != from_habana else ():
+            entry["step"] = 0 if to_habana else torch.tensor(float(group["step"]), dtype=torch.float32)
+        groups.append({**target.defaults, **kept})
+    return {"state": state, "param_groups": groups}
+
+
 def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float, fused: bool, device_type: str):
     """Global L2 clip; returns the norm before clipping. ``fused``: Habana FusedClipNorm on HPU, the
     ``foreach`` multi-tensor kernels elsewhere."""
