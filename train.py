@@ -26,7 +26,8 @@ from model import FACTORIES
 from utils.callbacks import CheckpointKeeper, TrainStatCallback, progress_bars
 from utils.checkpoint import exit_if_done, load_checkpoint
 from utils.device import (PRECISIONS, check_devices, compile_backend, configure_process, fast_cpu_bf16,
-                          hpu_accelerator_and_strategy, resolve_precision, set_hpu_autocast_lists)
+                          hpu_accelerator_and_strategy, make_deterministic, resolve_precision,
+                          set_hpu_autocast_lists)
 from utils.launch import cluster_environment, default_num_nodes, launched_processes
 from utils.loggers import run_loggers
 from utils.preemption import Preemption
@@ -154,6 +155,8 @@ def parse_args(argv=None):
     a("--num-workers", type=int, default=10, help="data loader worker processes per device")
     a("--compile", action="store_true", help="torch.compile the model (pair with --all-static --align-buckets bucket1)")
     a("--seed", type=int, default=1337)
+    a("--deterministic", action="store_true",
+      help="deterministic kernels only (GPUs: resumed runs end bit for bit at an uninterrupted run's weights; slower)")
     a("--masked-weight", type=float, default=1.0, help="loss weight of the masked frames")
     a("--unmasked-weight", type=float, default=None,
       help="loss weight of the unmasked frames " + recipe_help("unmasked_weight"))
@@ -265,6 +268,8 @@ def build(args):
     if precision.autocast and args.hpus > -1:  # before anything imports habana_frameworks
         set_hpu_autocast_lists(str(SCRIPT_DIR / args.autocast_bf16), str(SCRIPT_DIR / args.autocast_fp32))
     pl.seed_everything(args.seed, workers=True)
+    if args.deterministic:
+        make_deterministic()
     module = HuBERTPreTrainModule(
         model_name=args.model_name, feature_grad_mult=args.feature_grad_mult, num_classes=args.num_classes,
         dataset=args.dataset, dataset_path=str(args.dataset_path), feature_type=args.feature_type,

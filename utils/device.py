@@ -164,6 +164,17 @@ def configure_process(precision: Precision, accelerator: str) -> None:
             torch.backends.cuda.enable_flash_sdp(False)
 
 
+def make_deterministic() -> None:
+    """--deterministic: deterministic kernels only (an op without one is an error that names it), cuBLAS's fixed
+    workspace (``CUBLAS_WORKSPACE_CONFIG``, unless set already) and no cuDNN autotuning, so that on NVIDIA GPUs a
+    resumed run ends at an uninterrupted run's weights bit for bit, as it does on CPU without the flag (CUDA's
+    atomics-based kernels, e.g. index_put and scatter backward, add in a varying order). Before any CUDA work.
+    Costs GPU speed: the deterministic kernels, a smaller cuBLAS workspace."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def set_hpu_autocast_lists(bf16_file: str, fp32_file: str) -> None:
     """Point Habana autocast at our op lists. utils.habana_env has set them from the command line before torch
     loaded; if Habana's bridge has loaded (it reads them once) while they name other files, stop: autocast would
