@@ -81,15 +81,19 @@ def test_resume_continues_step_lr_and_optimizer_exactly(data, tmp_path):
         assert torch.equal(resumed["optimizer_states"][0]["state"][idx]["exp_avg_sq"], state["exp_avg_sq"]), idx
 
 
-def ddp_ranks(data, tmp_path, *flags, port=29533, poison=""):
-    """tests/ddp_worker.py on 2 gloo ranks under torch.distributed.run: each rank's final weights and counts."""
+def ddp_ranks(data, tmp_path, *flags, port=29533, poison="", nodes=1):
+    """tests/ddp_worker.py on 2 gloo ranks, 1 node x 2 processes or 2 nodes x 1 (a torch.distributed.run agent per
+    node, on localhost): each rank's final weights and counts."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "POISON": poison}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           str(REPO / "tests" / "ddp_worker.py"), str(tmp_path / "weights"),
-           *args_for(data, tmp_path / "exp", "--accelerator", "cpu", "--devices", "2", "--warmup-updates", "1",
-                     "--seconds-per-batch", "16", "--accumulate-grad-batches", "2", *flags)]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    worker = [str(REPO / "tests" / "ddp_worker.py"), str(tmp_path / "weights"),
+              *args_for(data, tmp_path / "exp", "--accelerator", "cpu", "--devices", str(2 // nodes),
+                        "--warmup-updates", "1", "--seconds-per-batch", "16", "--accumulate-grad-batches", "2", *flags)]
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--node-rank={r}",
+                                f"--nproc_per_node={2 // nodes}", "--master-addr=127.0.0.1", f"--master-port={port}",
+                                *worker], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True) for r in range(nodes)]
+    errors = [agent.communicate(timeout=600)[1] for agent in agents]
+    assert [agent.returncode for agent in agents] == [0] * nodes, errors[-1][-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"weights.{r}.pt", weights_only=True) for r in (0, 1))
     for key, value in rank0["state_dict"].items():
         assert torch.equal(rank1["state_dict"][key], value), key
@@ -103,6 +107,17 @@ def test_two_process_ddp_over_gloo_ends_with_identical_weights(data, tmp_path):
     assert rank0["global_step"] == rank1["global_step"] == 3 and rank0["world_size"] == 2
     start = torch.load(tmp_path / "weights.init.pt", weights_only=True)
     assert any(not torch.equal(start[k], v) for k, v in rank0["state_dict"].items()), "nothing was trained"
+
+
+def test_two_nodes_of_one_process_train_as_one_node_of_two(data, tmp_path):
+    """2 nodes x 1 process (two torchrun agents) end at the weights of 1 node x 2 processes, bit for bit."""
+    runs = []
+    for nodes, port in ((1, 29535), (2, 29536)):
+        (tmp_path / str(nodes)).mkdir()
+        runs.append(ddp_ranks(data, tmp_path / str(nodes), "--max-updates", "3", port=port, nodes=nodes)[0])
+    assert runs[1]["world_size"] == 2 and runs[0]["global_step"] == runs[1]["global_step"] == 3
+    for key, value in runs[0]["state_dict"].items():
+        assert torch.equal(runs[1]["state_dict"][key], value), key
 
 
 def test_ddp_skip_at_a_later_micro_batch_leaves_ddp_in_step(tmp_path):
