@@ -2,6 +2,7 @@
 clear errors naming them."""
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import train
+from bench.fault_campaign import children, rank_of
 from tests.fixtures import make_prepared_dataset
 from tests.test_common_utils import make_corpus
 from tests.test_preprocess import files_of
@@ -124,6 +126,29 @@ def test_a_signal_stops_after_the_update_and_the_same_command_continues_exactly(
         assert torch.equal(resumed["state_dict"][key], value), key
     assert sorted(p.name for p in (exp / CKPTS).iterdir()) == sorted(p.name for p in (straight / CKPTS).iterdir())
     assert val_losses(exp) == val_losses(straight)
+
+
+def test_sigterm_to_one_ddp_rank_stops_every_rank_at_the_same_update(uninterrupted, tmp_path):
+    """2 gloo ranks under torchrun, SIGTERM to rank 1's process only: both ranks stop after the same update (they
+    agree after every update) and write one checkpoint there; relaunched, the run finishes. Lightning's own
+    handler broadcast from inside the signal handler: a job with one signalled rank hung."""
+    data, _ = uninterrupted
+    exp = tmp_path / "exp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537",
+           *train_cmd(data, exp, 9, *SIGNAL_FLAGS, "--accelerator", "cpu", "--devices", "2")[1:]]
+    with subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        deadline = time.monotonic() + 300
+        while not (exp / CKPTS / "last.ckpt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.02)
+        os.kill(next(p for p in children(proc.pid) if rank_of(p) == 1), signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=300)
+    stopped = re.findall(r"stopped by SIGTERM after update (\d+)", stderr)
+    assert len(stopped) == 2 and stopped[0] == stopped[1], stderr[-3000:]
+    assert load_checkpoint(exp / CKPTS / "last.ckpt")["global_step"] == int(stopped[0])
+    subprocess.run(cmd, cwd=REPO, env=ENV, check=True, capture_output=True)
+    assert load_checkpoint(exp / CKPTS / "last.ckpt")["global_step"] == 9
 
 
 def test_preprocess_killed_and_rerun_gives_the_same_files(tmp_path):
