@@ -4,7 +4,7 @@ alone must end at the weights of an uninterrupted 2-rank run, bit for bit, after
 - slurm: a preemption on a real one-node SLURM (bench/slurm_cluster.py): train.py on 2 srun tasks gets SIGUSR1
   (``scancel --signal=USR1``, every process of the step, loader workers too), stops and requeues itself, and the
   requeued job (started at once) continues; and SIGTERM (``scancel --signal=TERM``), then the same job again;
-- restart: rank 1 SIGKILLed under ``torchrun --max-restarts 1``;
+- restart: rank 1 SIGKILLed under ``torchrun --max-restarts 1`` (c10d rendezvous, its own store: RESTARTABLE);
 - nodes: 2 torchrun agents on localhost (2 nodes x 1 process) against 1 node x 2 processes;
 - nan: a NaN loss at micro-batch 1 on rank 1 (2 micro-batches per update, layer drop 0.5), over seeds: the run
   finishes with the ranks equal (before the fix 4 of 6 seeds crashed at the next update).
@@ -25,6 +25,10 @@ from bench.fault_campaign import CKPT_DIRS, REPO, argv, children, env, outputs, 
 from bench.slurm_cluster import SlurmCluster
 
 TWO_RANKS = ["-m", "torch.distributed.run", "--nproc_per_node=2"]
+# torchrun's restarts that work: with the static rendezvous (--master_port) or c10d's shared store, the restarted
+# ranks' gloo connect met stale addresses ("Connection refused") in 2 of 3 tries; c10d with its own store, 0 of 3.
+RESTARTABLE = ["--rdzv-backend=c10d", "--rdzv-id=restart"]
+RESTARTABLE_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def two_rank_cmd(cmds) -> list:
@@ -88,10 +92,10 @@ def restart(args, cmds) -> list:
     for trial in range(args.slurm_trials):
         out = args.out / "cluster" / f"restart_{trial}"
         shutil.rmtree(out, ignore_errors=True)
-        line = torchrun(argv(two_rank_cmd(cmds), out), "--nproc_per_node=2", "--max-restarts=1",
-                        f"--master_port={29571 + trial}")
-        with subprocess.Popen(line, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True) as proc:
+        line = torchrun(argv(two_rank_cmd(cmds), out), "--nproc_per_node=2", "--max-restarts=1", *RESTARTABLE,
+                        f"--rdzv-endpoint=127.0.0.1:{29571 + trial}")
+        with subprocess.Popen(line, cwd=REPO, env={**env(), **RESTARTABLE_ENV}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) as proc:
             wait_for_checkpoint(out)
             time.sleep(2 * trial)
             victim = next(p for p in children(proc.pid) if rank_of(p) == 1)
