@@ -3,6 +3,7 @@ clear errors naming them."""
 import csv
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 
 import train
 from bench.fault_campaign import children, rank_of
+from bench.slurm_cluster import SlurmCluster
 from tests.fixtures import make_prepared_dataset
 from tests.test_common_utils import make_corpus
 from tests.test_preprocess import files_of
@@ -149,6 +151,31 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_at_the_same_update(uninterrupt
     assert load_checkpoint(exp / CKPTS / "last.ckpt")["global_step"] == int(stopped[0])
     subprocess.run(cmd, cwd=REPO, env=ENV, check=True, capture_output=True)
     assert load_checkpoint(exp / CKPTS / "last.ckpt")["global_step"] == 9
+
+
+@pytest.mark.skipif(not all(map(shutil.which, ("slurmctld", "slurmd", "munged", "srun"))),
+                    reason="a real SLURM needs Debian's slurm-wlm and munge (apt-get install slurm-wlm munge)")
+def test_slurm_preemption_requeues_the_job_and_it_continues_exactly(uninterrupted, tmp_path):
+    """A one-node SLURM (bench/slurm_cluster.py): train.py under srun gets SIGUSR1 (scancel --signal=USR1, every
+    process of the step), stops after the update in hand and requeues its job; the requeued job, started at once,
+    ends at the uninterrupted run's weights."""
+    data, straight = uninterrupted
+    exp = tmp_path / "exp"
+    script = f"#!/bin/bash\nsrun {' '.join(train_cmd(data, exp, 9, *SIGNAL_FLAGS))}\n"
+    with SlurmCluster(tmp_path / "slurm") as cluster:
+        job = cluster.submit(script, "--ntasks=1", "--requeue", f"--chdir={REPO}", f"--output={tmp_path}/job.log",
+                             "--open-mode=append", env=ENV)
+        cluster.wait_for(lambda: (exp / CKPTS / "epoch=0-step=3.ckpt").exists(), 300, "a checkpoint at update 3")
+        cluster.signal(job, "USR1")
+        cluster.wait_state(job, {"PENDING"}, timeout=300)
+        cluster.start_now(job)
+        state = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=600)
+    log = (tmp_path / "job.log").read_text()
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", log[-3000:]
+    assert "stopped by SIGUSR1 after update" in log and f"SLURM job {job} requeued" in log
+    resumed, reference = (load_checkpoint(e / CKPTS / "last.ckpt") for e in (exp, straight))
+    for key, value in reference["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
 
 
 def test_preprocess_killed_and_rerun_gives_the_same_files(tmp_path):
