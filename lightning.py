@@ -31,10 +31,10 @@ class HuBERTPreTrainModule(pl.LightningModule):
     the update is the per-masked-frame gradient of the global batch; the micro-batch gradients are averaged
     (each scaled by ``1 / group size``), so 2 x 175 s equals 1 x 350 s (Habana's recipe summed them), and DDP
     all-reduces only after the last one. An update with a non-finite loss on any rank, or a non-finite
-    gradient norm, is skipped on every rank (after its whole window, so DDP stays in step) and counted. Randomness (masks, dropout,
-    layer drop) is seeded per (seed, step, micro-batch, rank) and crops per (seed, epoch, update, micro-batch,
-    rank); the train loader resumes mid-epoch, so a run resumed from any checkpoint trains as an
-    uninterrupted one. The datasets are built once; each epoch only re-plans the batches.
+    gradient norm, is skipped on every rank (after its whole window, so DDP stays in step) and counted.
+    Randomness (masks, dropout, layer drop) is seeded per (seed, step, micro-batch, rank) and crops per (seed,
+    epoch, update, micro-batch, rank); the train loader resumes mid-epoch, so a run resumed from any checkpoint
+    trains as an uninterrupted one. The datasets are built once; each epoch only re-plans the batches.
     """
 
     def __init__(self, *, model_name: str, feature_grad_mult: Optional[float], num_classes: int, dataset: str,
