@@ -34,8 +34,9 @@ from utils.checkpoint import exit_if_done, load_checkpoint
 from utils.ctc import VOCAB, read_vocab
 from utils.callbacks import CheckpointKeeper, TrainStatCallback, progress_bars
 from utils.device import PRECISIONS, configure_process, resolve_precision, set_hpu_autocast_lists
-from utils.launch import default_num_nodes
+from utils.launch import cluster_environment, default_num_nodes
 from utils.loggers import run_loggers
+from utils.preemption import Preemption
 from utils.versions import log_stack
 
 
@@ -128,8 +129,8 @@ def data_folders(args):
 def accelerator_and_strategy(args, num_nodes: int):
     """train.py's device choice. Fine-tuning always leaves parameters without gradients (the frozen-encoder
     updates, layer drop), so DDP must look for them."""
-    as_train = argparse.Namespace(**vars(args), no_layerdrop=False, static_layerdrop=False, dist_dataset=1)
-    return train.accelerator_and_strategy(as_train, num_nodes)
+    as_train = argparse.Namespace(**vars(args), dist_dataset=1)
+    return train.accelerator_and_strategy(as_train, num_nodes, find_unused_parameters=True)
 
 
 class FineTuneStatCallback(TrainStatCallback):
@@ -199,11 +200,12 @@ def build(args):
     configure_process(precision, device)
     ckpt_dir = args.exp_dir / f"checkpoints_{model_name_of(args, module)}"
     callbacks = [CheckpointKeeper(ckpt_dir, args.save_top_k), FineTuneStatCallback(1), HealthCallback(args.exp_dir),
-                 SkipGuard(args.max_skips_in_a_row), *progress_bars()]
+                 SkipGuard(args.max_skips_in_a_row), Preemption(), *progress_bars()]
     loggers = run_loggers(args.exp_dir)
     trainer = pl.Trainer(
         default_root_dir=args.exp_dir, max_steps=args.max_updates, num_nodes=num_nodes, accelerator=accelerator,
-        devices=devices, strategy=strategy, use_distributed_sampler=False, callbacks=callbacks, logger=loggers,
+        devices=devices, strategy=strategy, use_distributed_sampler=False, plugins=[cluster_environment()],
+        callbacks=callbacks, logger=loggers,
         enable_checkpointing=False, reload_dataloaders_every_n_epochs=1, check_val_every_n_epoch=None,
         val_check_interval=args.val_check_interval, num_sanity_val_steps=0, log_every_n_steps=args.log_every_n_steps,
     )

@@ -12,7 +12,8 @@ from dataset import (BucketizeBatchSampler, CollateFnHubert, DistributedBatchSam
 from loss import compute_accuracy, compute_accuracy_static, hubert_loss, hubert_loss_static
 from model import FACTORIES, convert_conv_layout, convert_optimizer_state, convert_weight_norm
 from utils.checkpoint import align_logging_step, align_loop_state, predates_resumable_data
-from utils.device import clip_grad_norm, draws_before_forward, hpu_graph_breaks, make_optimizer
+from utils.device import (clip_grad_norm, draws_before_forward, hpu_graph_breaks, make_optimizer,
+                          portable_optimizer_state)
 from utils.lr_schedule import LinearDecayLRScheduler
 
 SAMPLE_RATE = 16000
@@ -30,10 +31,10 @@ class HuBERTPreTrainModule(pl.LightningModule):
     the update is the per-masked-frame gradient of the global batch; the micro-batch gradients are averaged
     (each scaled by ``1 / group size``), so 2 x 175 s equals 1 x 350 s (Habana's recipe summed them), and DDP
     all-reduces only after the last one. An update with a non-finite loss on any rank, or a non-finite
-    gradient norm, is skipped on every rank (so DDP stays in step) and counted. Randomness (masks, dropout,
-    layer drop) is seeded per (seed, step, micro-batch, rank) and crops per (seed, epoch, update, micro-batch,
-    rank); the train loader resumes mid-epoch, so a run resumed from any checkpoint trains as an
-    uninterrupted one. The datasets are built once; each epoch only re-plans the batches.
+    gradient norm, is skipped on every rank (after its whole window, so DDP stays in step) and counted.
+    Randomness (masks, dropout, layer drop) is seeded per (seed, step, micro-batch, rank) and crops per (seed,
+    epoch, update, micro-batch, rank); the train loader resumes mid-epoch, so a run resumed from any checkpoint
+    trains as an uninterrupted one. The datasets are built once; each epoch only re-plans the batches.
     """
 
     def __init__(self, *, model_name: str, feature_grad_mult: Optional[float], num_classes: int, dataset: str,
@@ -127,10 +128,13 @@ class HuBERTPreTrainModule(pl.LightningModule):
         return totals[0] / totals[1]
 
     def _accumulate(self, update: UpdateBatch, opt) -> Optional[Tensor]:
-        """Forward and backward of every micro-batch; their STATS row, summed over micro-batches
-        and ranks, or None as soon as some rank's loss is not finite (every rank stops there)."""
+        """Forward and backward of every micro-batch; their STATS row, summed over micro-batches and ranks, or
+        None when some rank's loss was not finite (every rank knows it: the update is skipped). The window runs
+        to its end even then, its gradients dropped with the update: stopped early, it left DDP's reducer the
+        parameters used by a backward already run under no_sync, and a later synced backward in which one of
+        them was dropped (layer drop) failed with "gradient which is undefined, but still allreduced"."""
         h = self.hparams
-        totals = []
+        totals, finite = [], True
         for micro, (micro_batch, num_samples) in enumerate(zip(update.micro_batches, update.num_samples)):
             torch.manual_seed(hash((h.seed, self.global_step, micro, self.global_rank)) & 0xFFFF_FFFF)
             last = micro == len(update.micro_batches) - 1
@@ -139,11 +143,10 @@ class HuBERTPreTrainModule(pl.LightningModule):
                 local = torch.cat([row, torch.isfinite(loss.detach()).float()[None]])
                 gathered = self.all_gather(local).reshape(-1, len(local))  # (world_size, ...)
                 total = gathered.sum(0)
-                if total[-1] < len(gathered):
-                    return None
+                finite = finite and bool(total[-1] == len(gathered))
                 self.manual_backward(loss * len(gathered) / total[1] / len(update.micro_batches))
             totals.append(total)
-        return torch.stack(totals).sum(0)
+        return torch.stack(totals).sum(0) if finite else None
 
     def _optimizer_step(self, opt) -> bool:
         """Clip, step the optimizer and the LR schedule; no step (False) if the gradient norm is not finite
@@ -249,15 +252,25 @@ class HuBERTPreTrainModule(pl.LightningModule):
             checkpoint["state_dict"] = convert_weight_norm(checkpoint["state_dict"], legacy=True)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Any conv layout and either weight-norm naming resumes any run: convert to this model's."""
+        """Any conv layout, either weight-norm naming and either AdamW's state (torch's, Habana's FusedAdamW)
+        resumes any run: convert to this run's."""
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
         self._resume_without_data_position = predates_resumable_data(checkpoint)
         align_loop_state(checkpoint)  # before Lightning restores its loops from it
         use_conv2d = self.hparams.use_conv2d
         state_dict = convert_weight_norm(checkpoint["state_dict"], legacy=False)
         checkpoint["state_dict"] = convert_conv_layout(state_dict, use_conv2d)
-        checkpoint["optimizer_states"] = [convert_optimizer_state(s, self._param_names(), use_conv2d)
-                                          for s in checkpoint.get("optimizer_states", [])]
+        like = self._optimizer_like()
+        checkpoint["optimizer_states"] = [
+            portable_optimizer_state(convert_optimizer_state(s, self._param_names(), use_conv2d), like)
+            for s in checkpoint.get("optimizer_states", [])]
+
+    def _optimizer_like(self) -> torch.optim.Optimizer:
+        """An optimizer of the kind configure_optimizers builds (on one stand-in parameter): the layout and
+        settings a resumed state must have, whichever AdamW wrote it."""
+        h = self.hparams
+        return make_optimizer(h.optimizer_str, [torch.nn.Parameter(torch.zeros(1))], h.learning_rate,
+                              tuple(h.betas), h.eps, h.weight_decay, self.trainer.strategy.root_device.type)
 
 
 def checkpoint_dir(exp_dir: Path, dataset: str, model_name: str) -> Path:

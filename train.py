@@ -11,6 +11,7 @@ import logging
 import re
 from functools import partial
 from pathlib import Path
+from typing import Optional
 
 import utils.habana_env  # noqa: F401  (first: Habana's autocast op lists, set before torch loads)
 import pytorch_lightning as pl
@@ -26,9 +27,11 @@ from model import FACTORIES
 from utils.callbacks import CheckpointKeeper, TrainStatCallback, progress_bars
 from utils.checkpoint import exit_if_done, load_checkpoint
 from utils.device import (PRECISIONS, check_devices, compile_backend, configure_process, fast_cpu_bf16,
-                          hpu_accelerator_and_strategy, resolve_precision, set_hpu_autocast_lists)
-from utils.launch import default_num_nodes, launched_processes
+                          hpu_accelerator_and_strategy, make_deterministic, resolve_precision,
+                          set_hpu_autocast_lists)
+from utils.launch import cluster_environment, default_num_nodes, launched_processes
 from utils.loggers import run_loggers
+from utils.preemption import Preemption
 from utils.versions import log_stack
 
 SCRIPT_DIR = Path(__file__).resolve().parent
@@ -85,7 +88,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--dataset-path", type=Path, required=True, help="<exp>/data/<feat>/ made by preprocess.py (tsv/, label/)")
-    a("--resume-checkpoint", type=Path, default=None, help="checkpoint to resume training from")
+    a("--resume-checkpoint", default="auto",
+      help="checkpoint to resume training from; auto (default): the run's last.ckpt when --exp-dir has one, so a "
+           "relaunch of the same command continues the run; none: start afresh")
     a("--feature-type", choices=["mfcc", "hubert"], required=True, help="mfcc labels are 100 Hz, halved to 50 Hz")
     a("--feature-grad-mult", type=parse_grad_mult, default=0.1,
       help="CNN gradient scale in (0, 1] (base and tiny models; 1 = unscaled)")
@@ -152,6 +157,8 @@ def parse_args(argv=None):
     a("--num-workers", type=int, default=10, help="data loader worker processes per device")
     a("--compile", action="store_true", help="torch.compile the model (pair with --all-static --align-buckets bucket1)")
     a("--seed", type=int, default=1337)
+    a("--deterministic", action="store_true",
+      help="deterministic kernels only (GPUs: resumed runs end bit for bit at an uninterrupted run's weights; slower)")
     a("--masked-weight", type=float, default=1.0, help="loss weight of the masked frames")
     a("--unmasked-weight", type=float, default=None,
       help="loss weight of the unmasked frames " + recipe_help("unmasked_weight"))
@@ -216,25 +223,44 @@ def accelerator_name(args) -> str:
     return "hpu" if args.hpus > -1 else "gpu" if args.gpus > -1 else args.accelerator
 
 
-def accelerator_and_strategy(args, num_nodes: int):
-    """(accelerator, devices, strategy) for the Trainer, checking the device exists."""
-    layer_drop_unused = not (args.no_layerdrop or args.static_layerdrop)  # a dropped layer gets no gradient
+def accelerator_and_strategy(args, num_nodes: int, find_unused_parameters: bool):
+    """(accelerator, devices, strategy) for the Trainer, checking the device exists. DDP searches for parameters
+    without a gradient after every backward only when ``find_unused_parameters``."""
     if args.hpus > -1:
         check_devices("hpu", args.hpus)
         accelerator, strategy = hpu_accelerator_and_strategy(
-            args.hpus, num_nodes, single=args.dist_dataset == 0, find_unused_parameters=layer_drop_unused)
+            args.hpus, num_nodes, single=args.dist_dataset == 0, find_unused_parameters=find_unused_parameters)
         return accelerator, args.hpus, strategy
     accelerator, devices = accelerator_name(args), (args.gpus if args.gpus > -1 else args.devices)
     check_devices(accelerator, devices)
     if devices > 1 or num_nodes > 1 or launched_processes() > 1:
-        return accelerator, devices, DDPStrategy(find_unused_parameters=layer_drop_unused)
+        return accelerator, devices, DDPStrategy(find_unused_parameters=find_unused_parameters)
     return accelerator, devices, "auto"
+
+
+def drops_layers(module: HuBERTPreTrainModule) -> bool:
+    """Whether an update can leave a layer without a gradient: layer drop at the model's rate (its config's:
+    HuBERT Large and X-Large have 0; --no-layerdrop and --model-arg encoder_layer_drop=... included), unless
+    --static-layerdrop computes every layer. Else DDP's search for unused parameters is not paid for."""
+    transformer = module.model.wav2vec2.encoder.transformer
+    return transformer.layer_drop > 0 and not module.hparams.static_layerdrop
+
+
+def resume_from(args) -> Optional[Path]:
+    """The checkpoint --resume-checkpoint names. auto: the run's newest state (``last.ckpt``, whatever stopped
+    the run: a kill, a preemption, a node restart) when there is one, so torchrun's restarts, SLURM's requeues
+    and a plain relaunch continue the run exactly, and a finished run's relaunch says it is done."""
+    if args.resume_checkpoint == "auto":
+        last = checkpoint_dir(args.exp_dir, args.dataset, args.model_name) / "last.ckpt"
+        return last.resolve() if last.exists() else None  # the file, not the link rank 0 will move
+    return None if args.resume_checkpoint in (None, "none") else Path(args.resume_checkpoint)
 
 
 def build(args):
     """The Trainer and the LightningModule for these arguments (nothing runs yet)."""
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO)
     log_stack("train.py", rank_zero_info, rank_zero_only(logging.warning))
+    args.resume_checkpoint = resume_from(args)
     if args.resume_checkpoint is not None:
         try:  # fail now, naming the file, rather than deep inside Lightning
             resumed = load_checkpoint(args.resume_checkpoint)
@@ -245,26 +271,8 @@ def build(args):
     if precision.autocast and args.hpus > -1:  # before anything imports habana_frameworks
         set_hpu_autocast_lists(str(SCRIPT_DIR / args.autocast_bf16), str(SCRIPT_DIR / args.autocast_fp32))
     pl.seed_everything(args.seed, workers=True)
-    num_nodes = args.num_nodes or default_num_nodes()
-    accelerator, devices, strategy = accelerator_and_strategy(args, num_nodes)
-    check_dataset_path(args)
-    configure_process(precision, accelerator_name(args))
-    rank_zero_info(f"precision: {precision.describe(accelerator_name(args))} "
-                   f"({devices} {accelerator_name(args).upper()} x {num_nodes} node(s))")
-    ckpt_dir = checkpoint_dir(args.exp_dir, args.dataset, args.model_name)
-    labels = partial(dataset_label_findings, args.dataset_path, args.feature_type, args.num_classes,
-                     dataset=args.dataset)
-    callbacks = [CheckpointKeeper(ckpt_dir, args.save_top_k), TrainStatCallback(args.skip_steps),
-                 HealthCallback(args.exp_dir, labels), SkipGuard(args.max_skips_in_a_row), *progress_bars()]
-    loggers = run_loggers(args.exp_dir)
-    trainer = pl.Trainer(
-        default_root_dir=args.exp_dir, max_steps=args.max_updates, num_nodes=num_nodes,
-        accelerator=accelerator, devices=devices, strategy=strategy, use_distributed_sampler=False,
-        callbacks=callbacks, logger=loggers, enable_checkpointing=False, reload_dataloaders_every_n_epochs=1,
-        check_val_every_n_epoch=None if args.val_check_interval else args.check_val_every_n_epoch,
-        val_check_interval=args.val_check_interval, num_sanity_val_steps=args.num_sanity_val_steps,
-        log_every_n_steps=args.log_every_n_steps,
-    )
+    if args.deterministic:
+        make_deterministic()
     module = HuBERTPreTrainModule(
         model_name=args.model_name, feature_grad_mult=args.feature_grad_mult, num_classes=args.num_classes,
         dataset=args.dataset, dataset_path=str(args.dataset_path), feature_type=args.feature_type,
@@ -284,15 +292,40 @@ def build(args):
         model_args=dict(args.model_arg), use_compile=args.compile,
         compile_backend=compile_backend(accelerator_name(args)), legacy_weight_norm=args.legacy_weight_norm,
     )
+    num_nodes = args.num_nodes or default_num_nodes()
+    accelerator, devices, strategy = accelerator_and_strategy(args, num_nodes, drops_layers(module))
+    check_dataset_path(args)
+    configure_process(precision, accelerator_name(args))
+    rank_zero_info(f"precision: {precision.describe(accelerator_name(args))} "
+                   f"({devices} {accelerator_name(args).upper()} x {num_nodes} node(s))")
+    ckpt_dir = checkpoint_dir(args.exp_dir, args.dataset, args.model_name)
+    labels = partial(dataset_label_findings, args.dataset_path, args.feature_type, args.num_classes,
+                     dataset=args.dataset)
+    callbacks = [CheckpointKeeper(ckpt_dir, args.save_top_k), TrainStatCallback(args.skip_steps),
+                 HealthCallback(args.exp_dir, labels), SkipGuard(args.max_skips_in_a_row), Preemption(),
+                 *progress_bars()]
+    loggers = run_loggers(args.exp_dir)
+    trainer = pl.Trainer(
+        default_root_dir=args.exp_dir, max_steps=args.max_updates, num_nodes=num_nodes,
+        accelerator=accelerator, devices=devices, strategy=strategy, use_distributed_sampler=False,
+        plugins=[cluster_environment()], callbacks=callbacks, logger=loggers, enable_checkpointing=False,
+        reload_dataloaders_every_n_epochs=1,
+        check_val_every_n_epoch=None if args.val_check_interval else args.check_val_every_n_epoch,
+        val_check_interval=args.val_check_interval, num_sanity_val_steps=args.num_sanity_val_steps,
+        log_every_n_steps=args.log_every_n_steps,
+    )
     return trainer, module
 
 
 def fit(trainer, module, ckpt_path, script: str) -> None:
-    """trainer.fit, then an error exit if the skip guard stopped the run."""
+    """trainer.fit, then an error exit if the skip guard stopped the run, or a signal's (utils/preemption.py)."""
     trainer.fit(module, ckpt_path=ckpt_path)
     guard = next(c for c in trainer.callbacks if isinstance(c, SkipGuard))
     if guard.reason:
         raise SystemExit(f"{script}: error: {guard.reason}")
+    preemption = next(c for c in trainer.callbacks if isinstance(c, Preemption))
+    if preemption.stopped_by:
+        preemption.leave(trainer, script)
 
 
 def run_train(args):
@@ -307,12 +340,11 @@ def main(argv=None):
 
 def main_to_end(argv) -> bool:
     """``main(argv)`` for scripts that may be re-run: nothing when the run's ``last.ckpt`` already reached
-    ``--max-updates``, a resume from it when a run was interrupted. Whether it trained."""
+    ``--max-updates`` (rather than exiting), a resume from it when a run was interrupted. Whether it trained."""
     args = parse_args(argv)
-    last = checkpoint_dir(args.exp_dir, args.dataset, args.model_name) / "last.ckpt"
-    if last.exists() and load_checkpoint(last)["global_step"] >= args.max_updates:
+    start = resume_from(args)
+    if start is not None and load_checkpoint(start)["global_step"] >= args.max_updates:
         return False
-    args.resume_checkpoint = last if last.exists() else None
     run_train(args)
     return True
 

@@ -1,5 +1,7 @@
 """Fault campaign: every script SIGKILLed at many seeded points, then re-run; disk full while writing; corrupt
-checkpoints; one DDP rank killed. Prints a table (BENCHMARKS.md records it).
+checkpoints; one DDP rank killed; on a cluster left alone (bench/cluster_faults.py): SLURM preemption and
+SIGTERM on a real one-node SLURM, a rank restarted by torchrun, 2 nodes against 1, a NaN at micro-batch 1 under
+DDP. Prints a table (BENCHMARKS.md records it).
 
 For each of preprocess.py (iteration 1: MFCC; iteration 2: a HuBERT layer), train.py and finetune.py, on the demo
 corpus with the tiny model: one uninterrupted reference run, then ``--kills`` trials, each a fresh run killed
@@ -10,7 +12,7 @@ train.py / finetune.py: the final weights and update count equal, bit for bit) a
 half-written file.
 
     python bench/fault_campaign.py --out exp_faults [--kills 20 --seed 0 --jobs 2 --scripts train
-                                                     --checks kill disk corrupt ddp]
+                                                     --checks kill disk corrupt ddp slurm restart nodes nan]
 """
 import argparse
 import contextlib
@@ -39,6 +41,7 @@ TINY = ["--model-name", "hubert_pretrain_tiny", "--accelerator", "cpu", "--devic
 CKPT_DIRS = {"train": "checkpoints_librispeech_hubert_pretrain_tiny", "finetune": "checkpoints_hubert_pretrain_tiny"}
 SCRIPTS = ("preprocess_mfcc", "train", "preprocess_hubert", "finetune")
 CHECKS = ("kill", "disk", "corrupt", "ddp")
+CLUSTER_CHECKS = ("slurm", "restart", "nodes", "nan")  # bench/cluster_faults.py: only train.py's reference needed
 
 
 def env():
@@ -323,11 +326,16 @@ def main(argv_=None):
     p.add_argument("--jobs", type=int, default=2, help="trials at once (one thread each)")
     p.add_argument("--scripts", nargs="+", default=list(SCRIPTS), choices=SCRIPTS,
                    help="scripts to kill (and the ones before them, whose outputs they read)")
-    p.add_argument("--checks", nargs="+", default=list(CHECKS), choices=CHECKS)
+    p.add_argument("--checks", nargs="+", default=list(CHECKS), choices=CHECKS + CLUSTER_CHECKS)
+    p.add_argument("--slurm-trials", type=int, default=2, help="trials per signal (slurm) and restarts (restart)")
+    p.add_argument("--nan-seeds", type=int, default=6, help="seeds of the nan check")
+    p.add_argument("--srun", default="srun", help="srun's path in the SLURM job script (slurm)")
     args = p.parse_args(argv_)
     args.out = args.out.resolve()
     cmds = commands(args.corpus.resolve(), args.out, args.updates)
-    last = max(SCRIPTS.index(s) for s in (args.scripts if args.checks == ["kill"] else SCRIPTS))
+    only_train = set(args.checks) <= set(CLUSTER_CHECKS)
+    last = max(SCRIPTS.index(s) for s in (args.scripts if args.checks == ["kill"] else ["train"] if only_train
+                                           else SCRIPTS))
     cmds = {name: cmds[name] for name in SCRIPTS[:last + 1]}
     references(args, cmds)
     results = {}
@@ -350,7 +358,21 @@ TABLES = {
                          "last line")),
     "corrupt": (bad_checkpoints, ("--resume-checkpoint", "exit code", "names the file", "last line")),
     "ddp": (ddp_kill, ("DDP, 2 gloo ranks, rank 1 SIGKILLed", "exit code", "seconds until all exited", "last line")),
+    "slurm": (lambda a, c: cluster_check("slurm", a, c), (
+        "SLURM, 2 srun tasks, signal", "trial", "stopped after update", "requeues", "final job state",
+        "identical to uninterrupted", "hpc checkpoints")),
+    "restart": (lambda a, c: cluster_check("restart", a, c), (
+        "torchrun --max-restarts 1, rank 1 SIGKILLed: trial", "exit code", "identical to uninterrupted")),
+    "nodes": (lambda a, c: cluster_check("nodes", a, c), ("layout", "exit codes", "identical to 1 node x 2")),
+    "nan": (lambda a, c: cluster_check("nan", a, c), (
+        "NaN at micro-batch 1 on rank 1, seed", "exit code", "skipped updates per rank", "ranks equal")),
 }
+
+
+def cluster_check(name: str, args, cmds) -> list:
+    from bench import cluster_faults  # imported when used: it imports this file's helpers
+
+    return getattr(cluster_faults, name)(args, cmds)
 
 if __name__ == "__main__":
     main()

@@ -56,7 +56,7 @@ def main(argv=None):
     start = time.perf_counter()
     if not args.eval_only:
         train.main(["--dataset-path", str(data), "--exp-dir", str(args.out), "--feature-type", "mfcc",
-                    "--num-classes", str(args.num_cluster), *RECIPE, *extra])
+                    "--num-classes", str(args.num_cluster), *RECIPE, "--resume-checkpoint", "none", *extra])
     minutes = (time.perf_counter() - start) / 60
     series = read_metrics(metrics_csv(args.out))
     plot_curves({args.out.name: series}, args.out / "curves.png", title=f"tiny HuBERT, {args.out.name}")

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from utils.preemption import ignore_in_worker
+
 MicroBatch = Tuple[Tensor, Tensor, Tensor]  # (waveforms, labels, lengths), CollateFnHubert's output
 
 
@@ -116,13 +118,14 @@ class UpdateDataset(Dataset):
 class UpdateLoader(DataLoader):
     """DataLoader of UpdateBatch items. Lightning saves ``state_dict()`` in every checkpoint and calls
     ``load_state_dict()`` on resume before it iterates, so a run resumed from a mid-epoch checkpoint sees the
-    batches an uninterrupted one would. Workers persist across epochs; ``start_epoch`` plans the next one."""
+    batches an uninterrupted one would. Workers persist across epochs; ``start_epoch`` plans the next one. Workers
+    ignore the stop signals (utils/preemption.py: they are the training loop's to handle)."""
 
     def __init__(self, dataset: Dataset, batch_sampler: Sampler[List[int]], collate: Callable, *, accumulate: int,
                  seed: int, rank: int = 0, num_workers: int = 0, pin_memory: bool = False) -> None:
         super().__init__(UpdateDataset(dataset, collate, seed), sampler=UpdateSampler(batch_sampler, accumulate, rank),
                          batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
-                         pin_memory=pin_memory)
+                         pin_memory=pin_memory, worker_init_fn=ignore_in_worker if num_workers else None)
 
     def start_epoch(self, epoch: int) -> None:
         self.sampler.start_epoch(epoch)

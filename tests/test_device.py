@@ -12,9 +12,13 @@ from pytorch_lightning.strategies import DDPStrategy, ParallelStrategy
 
 from bench import cpu_allocator
 import lightning  # our LightningModule file: the name that confuses lightning-habana
+import train
 import utils.device
 import utils.habana_env
+from tests.fixtures import make_prepared_dataset
 from tests.test_model import make_batch
+from tests.test_train import args_for, last_ckpt
+from utils.checkpoint import load_checkpoint
 from utils.device import (Precision, check_devices, clip_grad_norm, compile_backend, describe_machine,
                           hide_our_lightning_module, import_lightning_habana, make_optimizer, resolve_precision)
 
@@ -231,3 +235,22 @@ def test_gpu_features_are_exact_fp32():
         assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (False, False)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.numerics
+def test_deterministic_flag_switches_torch_to_deterministic_kernels(tmp_path, monkeypatch):
+    """--deterministic turns on torch's deterministic algorithms and cuBLAS's fixed workspace (what GPUs need for
+    bit-exact resumes); a whole CPU run has a deterministic kernel for every op, and the same numbers as without."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    data = make_prepared_dataset(tmp_path / "d", n_train=4, n_valid=1)
+    common = ["--max-updates", "2", "--warmup-updates", "1", "--seconds-per-batch", "16"]
+    train.main(args_for(data, tmp_path / "plain", *common))
+    try:
+        train.main(args_for(data, tmp_path / "deterministic", *common, "--deterministic"))
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+    plain, deterministic = (load_checkpoint(last_ckpt(tmp_path / run)) for run in ("plain", "deterministic"))
+    for key, value in plain["state_dict"].items():
+        assert torch.equal(deterministic["state_dict"][key], value), key

@@ -81,22 +81,68 @@ def test_resume_continues_step_lr_and_optimizer_exactly(data, tmp_path):
         assert torch.equal(resumed["optimizer_states"][0]["state"][idx]["exp_avg_sq"], state["exp_avg_sq"]), idx
 
 
-def test_two_process_ddp_over_gloo_ends_with_identical_weights(data, tmp_path):
-    """With 2 micro-batches per update DDP all-reduces after the second only (no_sync before): the ranks
-    still end equal."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           str(REPO / "tests" / "ddp_worker.py"), str(tmp_path / "weights"),
-           *args_for(data, tmp_path / "exp", "--accelerator", "cpu", "--devices", "2", "--max-updates", "3",
-                     "--warmup-updates", "1", "--seconds-per-batch", "16", "--accumulate-grad-batches", "2")]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+def ddp_ranks(data, tmp_path, *flags, port=29533, poison="", nodes=1):
+    """tests/ddp_worker.py on 2 gloo ranks, 1 node x 2 processes or 2 nodes x 1 (a torch.distributed.run agent per
+    node, on localhost): each rank's final weights and counts."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "POISON": poison}
+    worker = [str(REPO / "tests" / "ddp_worker.py"), str(tmp_path / "weights"),
+              *args_for(data, tmp_path / "exp", "--accelerator", "cpu", "--devices", str(2 // nodes),
+                        "--warmup-updates", "1", "--seconds-per-batch", "16", "--accumulate-grad-batches", "2", *flags)]
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--node-rank={r}",
+                                f"--nproc_per_node={2 // nodes}", "--master-addr=127.0.0.1", f"--master-port={port}",
+                                *worker], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True) for r in range(nodes)]
+    errors = [agent.communicate(timeout=600)[1] for agent in agents]
+    assert [agent.returncode for agent in agents] == [0] * nodes, errors[-1][-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"weights.{r}.pt", weights_only=True) for r in (0, 1))
-    assert rank0["global_step"] == rank1["global_step"] == 3 and rank0["world_size"] == 2
     for key, value in rank0["state_dict"].items():
         assert torch.equal(rank1["state_dict"][key], value), key
+    return rank0, rank1
+
+
+def test_two_process_ddp_over_gloo_ends_with_identical_weights(data, tmp_path):
+    """With 2 micro-batches per update DDP all-reduces after the second only (no_sync before): the ranks
+    still end equal. Without layer drop, as HuBERT Large's config, DDP does not look for unused parameters."""
+    rank0, rank1 = ddp_ranks(data, tmp_path, "--max-updates", "3", "--model-arg", "encoder_layer_drop=0")
+    assert rank0["global_step"] == rank1["global_step"] == 3 and rank0["world_size"] == 2
     start = torch.load(tmp_path / "weights.init.pt", weights_only=True)
     assert any(not torch.equal(start[k], v) for k, v in rank0["state_dict"].items()), "nothing was trained"
+
+
+def test_two_nodes_of_one_process_train_as_one_node_of_two(data, tmp_path):
+    """2 nodes x 1 process (two torchrun agents) end at the weights of 1 node x 2 processes, bit for bit."""
+    runs = []
+    for nodes, port in ((1, 29535), (2, 29536)):
+        (tmp_path / str(nodes)).mkdir()
+        runs.append(ddp_ranks(data, tmp_path / str(nodes), "--max-updates", "3", port=port, nodes=nodes)[0])
+    assert runs[1]["world_size"] == 2 and runs[0]["global_step"] == runs[1]["global_step"] == 3
+    for key, value in runs[0]["state_dict"].items():
+        assert torch.equal(runs[1]["state_dict"][key], value), key
+
+
+def test_ddp_skip_at_a_later_micro_batch_leaves_ddp_in_step(tmp_path):
+    """Layer drop 0.5, 2 micro-batches per update, a NaN loss on rank 1 at micro-batch 1: the update is skipped
+    on both ranks, and the updates after it (layers dropped) train on. The skip used to stop the window after
+    micro-batch 0's backward under no_sync; DDP kept its record of used layers, and the next synced backward
+    with one of them dropped failed ("gradient which is undefined, but still allreduced by DDP reducer")."""
+    data = make_prepared_dataset(tmp_path / "d", n_train=48)
+    rank0, rank1 = ddp_ranks(data, tmp_path, "--max-updates", "6", "--model-arg", "encoder_layer_drop=0.5",
+                             "--seed", "1", port=29534, poison="0,1,1")
+    assert rank0["skipped_steps"] == rank1["skipped_steps"] == 1
+    assert rank0["global_step"] == rank1["global_step"] == 6
+
+
+@pytest.mark.parametrize("flags, unused", [
+    ([], True),  # the tiny model's layer drop, 0.05
+    (["--no-layerdrop"], False),
+    (["--static-layerdrop"], False),  # every layer computed
+    (["--model-arg", "encoder_layer_drop=0"], False),
+    (["--model-name", "hubert_pretrain_large"], False),  # its config has no layer drop
+], ids=["tiny", "no_layerdrop", "static_layerdrop", "model_arg", "large"])
+def test_ddp_looks_for_unused_parameters_only_when_layers_drop(data, tmp_path, flags, unused):
+    trainer, module = train.build(train.parse_args(args_for(data, tmp_path / "exp", "--accelerator", "cpu",
+                                                            "--devices", "2", *flags)))
+    assert trainer.strategy._ddp_kwargs["find_unused_parameters"] is unused
 
 
 # Habana README command lines (spec §9.4), with only the device flags swapped for CPU, plus the

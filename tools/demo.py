@@ -76,7 +76,8 @@ def pretrain(args, data: Path, exp: Path, feature_type: str, updates: int) -> Pa
     train.main(["--dataset-path", str(data), "--exp-dir", str(exp), "--feature-type", feature_type,
                 "--num-classes", str(args.num_cluster), "--max-updates", str(updates),
                 "--warmup-updates", str(max(1, updates // 10)), "--val-check-interval", str(max(1, updates // 5)),
-                "--log-every-n-steps", "5", "--seed", str(args.seed), *TINY_ON_CPU])
+                "--log-every-n-steps", "5", "--seed", str(args.seed), *TINY_ON_CPU,
+                "--resume-checkpoint", "none"])  # a re-run of the demo trains afresh
     return exp / "checkpoints_librispeech_hubert_pretrain_tiny" / "last.ckpt"
 
 

@@ -164,6 +164,17 @@ def configure_process(precision: Precision, accelerator: str) -> None:
             torch.backends.cuda.enable_flash_sdp(False)
 
 
+def make_deterministic() -> None:
+    """--deterministic: deterministic kernels only (an op without one is an error that names it), cuBLAS's fixed
+    workspace (``CUBLAS_WORKSPACE_CONFIG``, unless set already) and no cuDNN autotuning, so that on NVIDIA GPUs a
+    resumed run ends at an uninterrupted run's weights bit for bit, as it does on CPU without the flag (CUDA's
+    atomics-based kernels, e.g. index_put and scatter backward, add in a varying order). Before any CUDA work.
+    Costs GPU speed: the deterministic kernels, a smaller cuBLAS workspace."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def set_hpu_autocast_lists(bf16_file: str, fp32_file: str) -> None:
     """Point Habana autocast at our op lists. utils.habana_env has set them from the command line before torch
     loaded; if Habana's bridge has loaded (it reads them once) while they name other files, stop: autocast would
@@ -272,6 +283,36 @@ def make_optimizer(name: str, params, lr: float, betas, eps: float, weight_decay
 
         return FusedAdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+
+
+IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")  # torch optimizers' kernel choices
+
+
+def portable_optimizer_state(saved: dict, target: torch.optim.Optimizer) -> dict:
+    """An AdamW state dict (torch's ``AdamW`` or Habana's ``FusedAdamW``) in ``target``'s layout, so a run resumes
+    across the two (bias-corrected AdamW, decoupled weight decay). torch keeps the step count in each parameter's
+    state (a tensor), counting the updates in which it had a gradient; FusedAdamW one per param group (``step``,
+    with ``correct_bias``), counting every update, and 0 in each parameter's state (so with layer drop the two
+    differ by design, converted or not). Group settings the target lacks are dropped, those it has and the
+    checkpoint lacks come from its defaults, as do its kernel choices (``fused``, ``foreach``: --optimizer
+    decides). Loaded as it was, a Habana state trained with bias correction from step 0 again, and a torch state
+    failed in FusedAdamW."""
+    to_habana = "correct_bias" in target.defaults
+    groups, state = [], {idx: dict(entry) for idx, entry in saved["state"].items()}
+    for group in saved["param_groups"]:
+        from_habana = "correct_bias" in group
+        if from_habana and not group["correct_bias"] and not to_habana:
+            raise ValueError("the checkpoint's FusedAdamW ran without bias correction (correct_bias=False), which "
+                             "torch's AdamW cannot continue: resume it with --optimizer fusedadamw on --hpus")
+        mine = [state[idx] for idx in group["params"] if idx in state]
+        extra = ("params", "initial_lr", "step") if to_habana else ("params", "initial_lr")  # not in defaults
+        kept = {k: v for k, v in group.items() if k not in IMPLEMENTATION and (k in target.defaults or k in extra)}
+        if to_habana and not from_habana:
+            kept.update(step=int(max((float(entry["step"]) for entry in mine), default=0)), correct_bias=True)
+        for entry in mine if to_habana != from_habana else ():
+            entry["step"] = 0 if to_habana else torch.tensor(float(group["step"]), dtype=torch.float32)
+        groups.append({**target.defaults, **kept})
+    return {"state": state, "param_groups": groups}
 
 
 def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float, fused: bool, device_type: str):
