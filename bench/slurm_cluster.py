@@ -98,7 +98,10 @@ class SlurmCluster:
         return self.job(job)
 
     def start_now(self, job: int) -> None:
-        """A requeued job waits in BeginTime (SLURM holds it ~2 minutes): start it now."""
+        """A requeued job waits in BeginTime (SLURM holds it ~2 minutes): start it now. Not in the second its
+        previous run was killed: slurmd revokes that run's credential with a time in whole seconds and refuses a
+        new one of the same second ("Job credential revoked": the job fails, seen on a loaded machine)."""
+        time.sleep(2)
         self.run("scontrol", "update", f"JobId={job}", "StartTime=now")
 
     def signal(self, job: int, name: str) -> None:
