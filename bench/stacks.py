@@ -93,20 +93,21 @@ def build_and_test(name: str) -> dict:
     keeps = kept_torch(python, work, versions["torchaudio"])
     pip(python, "install", "-q", "-r", "requirements-dev.txt", "-c", str(STACKS / f"{name}.txt"))
     have = installed(python)
-    result = {"stack": name, "python": sys.version.split()[0], "keeps_torch": keeps,
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    result = {"stack": name, "commit": commit.strip(), "python": sys.version.split()[0], "keeps_torch": keeps,
               "versions": {p: have.get(p) for p in CORE}, "runs": run_suite(python, work)}
     (work / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
 
 def table(results: list) -> str:
-    lines = ["| stack | " + " | ".join(CORE) + " | Python | keeps an installed torch | suite | numerics (default "
-             "kernels) | minutes |", "|" + "---|" * (len(CORE) + 6)]
+    lines = ["| stack | commit | " + " | ".join(CORE) + " | Python | keeps an installed torch | suite | numerics "
+             "(default kernels) | minutes |", "|" + "---|" * (len(CORE) + 7)]
     for r in results:
-        suite = ["{passed} passed, {failed} failed".format(**{"passed": 0, "failed": 0, **run})
-                 for run in r["runs"]]
+        suite = [", ".join(f"{run.get(k, 0)} {k}" for k in ("passed", "failed", "skipped", "error")
+                           if k in ("passed", "failed") or run.get(k)) for run in r["runs"]]
         minutes = " + ".join(str(run["minutes"]) for run in r["runs"])
-        lines.append(f"| {r['stack']} | " + " | ".join(r["versions"][p] or "-" for p in CORE)
+        lines.append(f"| {r['stack']} | {r.get('commit', '-')} | " + " | ".join(r["versions"][p] or "-" for p in CORE)
                      + f" | {r['python']} | {'yes' if r['keeps_torch'] else 'NO'} | " + " | ".join(suite)
                      + f" | {minutes} |")
     return "\n".join(lines)

@@ -92,3 +92,20 @@ def test_the_checks_see_newer_syntax_and_library_use(tmp_path):
                      "--select", "E9"], [VERMIN, "--no-tips", "--violations", "-t=3.10-"]):
         proc = subprocess.run([*command, str(newer)], capture_output=True, text=True)
         assert proc.returncode != 0, f"{command[:3]} accepted 3.11 code"
+
+
+def test_stacks_reads_pytest_closing_lines_and_tables_them(monkeypatch):
+    """bench/stacks.py's record: pytest's counts per run, one table row per stack (the run itself needs the
+    index and a few GB, so it lives in bench/)."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import stacks
+
+    assert stacks.counts("x\n1 failed, 406 passed, 5 skipped, 2 errors in 1601.57s (0:26:41)\n") == {
+        "failed": 1, "passed": 406, "skipped": 5, "error": 2}
+    assert stacks.pins("lowest")["torch"] == "2.7.1"
+    row = stacks.table([{"stack": "lowest", "commit": "abc1234", "python": "3.11.7", "keeps_torch": False,
+                         "versions": dict.fromkeys(stacks.CORE, "1.0"),
+                         "runs": [{"minutes": 12.5, "passed": 3, "failed": 0, "skipped": 2}, {"minutes": 1.5,
+                                                                                              "passed": 1}]}])
+    assert row.splitlines()[-1] == ("| lowest | abc1234 | 1.0 | 1.0 | 1.0 | 1.0 | 1.0 | 3.11.7 | NO | 3 passed, "
+                                    "0 failed, 2 skipped | 1 passed, 0 failed | 12.5 + 1.5 |")
