@@ -40,6 +40,10 @@ class Preemption(pl.Callback):
         self._pid = os.getpid()
         for signum in SIGNALS:  # Lightning registered its handlers just before training starts
             signal.signal(signum, self._note)
+            # Interrupted system calls restart: the signal is only noted, and native code (torch's checkpoint
+            # writer, gloo, OpenMP) need not handle EINTR (a run under srun once aborted with a corrupted heap
+            # when SIGUSR1 came as it wrote a checkpoint).
+            signal.siginterrupt(signum, False)
 
     def _note(self, signum, frame):
         if os.getpid() == self._pid:  # loader workers fork with this handler (and ignore it from their init on)
