@@ -167,7 +167,8 @@ def test_slurm_preemption_requeues_the_job_and_it_continues_exactly(uninterrupte
                              "--open-mode=append", env=ENV)
         cluster.wait_for(lambda: (exp / CKPTS / "epoch=0-step=3.ckpt").exists(), 300, "a checkpoint at update 3")
         cluster.signal(job, "USR1")
-        cluster.wait_state(job, {"PENDING"}, timeout=300)
+        state = cluster.wait_state(job, {"PENDING", "COMPLETED", "FAILED", "CANCELLED"}, timeout=300)
+        assert state["JobState"] == "PENDING", (tmp_path / "job.log").read_text()[-3000:]  # requeued, not ended
         cluster.start_now(job)
         state = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=600)
     log = (tmp_path / "job.log").read_text()
